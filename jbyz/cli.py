@@ -6,6 +6,8 @@ Examples::
     jbyz check experiments/quickstart.toml      # validate a configuration, no compute
     jbyz run experiments/quickstart.toml        # run it: results.parquet, summary.csv, accuracy.png
     jbyz plot runs/quickstart/results.parquet --hue aggregator --col attack
+    jbyz plot heatmap runs/grid --x batch_size --y f_real --col aggregator
+    jbyz plot paired runs/grid --field momentum_at --a server --b worker
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 
 
 def _cmd_list(args) -> int:
-    from jbyz import aggregators, attacks, data, models, preaggregators
+    from jbyz import aggregators, attacks, compression, data, models, preaggregators, protocols
 
     groups = [
         ("Aggregators", aggregators.AGGREGATORS),
         ("Pre-aggregators", preaggregators.PREAGGREGATORS),
         ("Attacks", attacks.ATTACKS),
+        ("Compressors", compression.COMPRESSORS),
+        ("Latency models", protocols.LATENCIES),
         ("Models", models.MODELS),
         ("Datasets", data.DATASETS),
     ]
@@ -54,55 +58,83 @@ def _cmd_check(args) -> int:
     return 1 if bad else 0
 
 
-def run_experiment(config_path, out_dir=None, progress=True, quiet=False):
-    """Runs every configuration of a file one after another; writes results, summary and plot."""
-    import pandas as pd
-    from tqdm.auto import tqdm
+def select(runs, only):
+    """The runs matching every ``FIELD=V1,V2`` filter (values compared as text)."""
+    from jbyz.config import FIELDS
+    from jbyz.registry import ConfigError
 
-    from jbyz import plots, results, simulate
-    from jbyz.config import check, load_experiment
+    out = list(runs)
+    for item in only:
+        if "=" not in item:
+            raise ConfigError(f"--only expects FIELD=VALUE[,VALUE...], got {item!r}")
+        field, values = item.split("=", 1)
+        if field not in FIELDS:
+            raise ConfigError(f"--only: unknown field {field!r}; valid: {', '.join(sorted(FIELDS))}")
+        allowed = {v.strip() for v in values.split(",")}
+        out = [r for r in out if str(getattr(r, field)) in allowed]
+    return out
+
+
+def run_experiment(config_path, out_dir=None, progress=True, quiet=False, options=None, only=None):
+    """Runs every point of a configuration file as a grid (grouped, vmapped, resumable).
+
+    Writes ``results.parquet`` (one row per run and evaluation), ``summary.csv`` (final and best
+    accuracy per configuration, mean and spread over seeds) and ``accuracy.png`` into the output
+    directory; a rerun of the same command resumes where a killed one stopped.
+    """
+    from jbyz import grid, plots, results
+    from jbyz.config import load_experiment
+    from jbyz.registry import ConfigError
 
     exp = load_experiment(config_path)
     out = Path(out_dir) if out_dir else exp.output_dir
-    runs = exp.runs()
-    for cfg in runs:  # every problem reported before any compute
-        check(cfg)
-    meta = results.run_metadata()
-    frames = []
+    opts = grid.GridOptions.from_dict({**exp.execution, **(options or {})})
     t0 = time.perf_counter()
-    bar = tqdm(total=sum(c.steps for c in runs), desc=f"{len(runs)} runs", unit="step",
-               disable=not progress)
-    for i, cfg in enumerate(runs):
-        bar.set_description(f"run {i + 1}/{len(runs)} {cfg.label()}")
-        res = simulate.Simulation(cfg).run(progress=bar)
-        df = res.to_frame()
-        df.insert(0, "run_id", i)
-        df["config_hash"] = cfg.config_hash()
-        df["wall_time_s"] = res.wall_time_s
-        frames.append(df)
-    bar.close()
-    table = results.tidy(pd.concat(frames, ignore_index=True))
-    for k, v in meta.items():
-        table[k] = v
-    path = results.write_table(table, out / "results.parquet", meta)
+    runs = exp.runs()
+    subset = select(runs, only or [])
+    if not subset:
+        raise ConfigError(f"--only {' '.join(only)} matches none of the {len(runs)} grid points")
+    table = grid.run_grid(subset, out, opts, progress=progress, log=None if quiet else print,
+                          table_configs=runs if only else None)
+    if table is None:  # a process other than 0 of a multi-process job
+        return None
     summary = results.summarize(table)
     summary.to_csv(out / "summary.csv", index=False)
-    hue = "aggregator" if table["aggregator"].nunique() > 1 else None
-    col = "attack" if table["attack"].nunique() > 1 else None
-    plots.accuracy_curves(table, hue=hue or "attack", col=col, path=out / "accuracy.png",
+    hue = "aggregator" if table["aggregator"].nunique() > 1 else "attack"
+    col = "attack" if table["attack"].nunique() > 1 and hue != "attack" else None
+    plots.accuracy_curves(table, hue=hue, col=col, path=out / "accuracy.png",
                           title=Path(config_path).stem)
     if not quiet:
         import pandas as pd
 
-        with pd.option_context("display.width", 160, "display.max_columns", 20):
+        with pd.option_context("display.width", 160, "display.max_columns", 20,
+                               "display.max_rows", 60):
             print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.1f} s")
-        print(f"results: {path}\nsummary: {out / 'summary.csv'}\nplot:    {out / 'accuracy.png'}")
+        print(f"\n{table['run_id'].nunique()} runs in {time.perf_counter() - t0:.1f} s")
+        print(f"results: {out / 'results.parquet'}\nsummary: {out / 'summary.csv'}\n"
+              f"plot:    {out / 'accuracy.png'}")
     return table
 
 
 def _cmd_run(args) -> int:
-    run_experiment(args.config, args.out, progress=not args.no_progress)
+    if args.coordinator or args.distributed:
+        import jax
+
+        # Collectives between CPU processes (results are gathered to process 0) need gloo;
+        # the setting only concerns CPU devices, so it is harmless on GPU/TPU clusters.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if args.coordinator:
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        else:
+            jax.distributed.initialize()  # cluster auto-detection (SLURM, Open MPI, ...)
+    opts = {}
+    if args.skip_invalid:
+        opts["invalid"] = "skip"
+    for k in ("devices", "runs_per_call", "vmap_width"):
+        if getattr(args, k) is not None:
+            opts[k] = getattr(args, k)
+    run_experiment(args.config, args.out, progress=not args.no_progress, options=opts,
+                   only=args.only)
     return 0
 
 
@@ -110,8 +142,23 @@ def _cmd_plot(args) -> int:
     from jbyz import plots, results
 
     df = results.load_results(args.results)
-    out = Path(args.out) if args.out else Path(args.results).with_suffix("").parent / "accuracy.png"
-    plots.accuracy_curves(df, hue=args.hue, col=args.col, metric=args.metric, path=out)
+    base = Path(args.results)
+    folder = base if base.is_dir() else base.parent
+    out = Path(args.out) if args.out else folder / f"{args.kind}.png"
+    if args.kind == "curves":
+        plots.accuracy_curves(df, hue=args.hue, col=args.col, metric=args.metric, path=out)
+    elif args.kind == "heatmap":
+        if not (args.x and args.y):
+            raise SystemExit("jbyz plot heatmap needs --x and --y (two config columns)")
+        plots.heatmap(df, x=args.x, y=args.y, stat=args.stat, metric=args.metric, col=args.col, path=out)
+    else:
+        if not (args.field and args.a is not None and args.b is not None):
+            raise SystemExit("jbyz plot paired needs --field, --a and --b "
+                             "(e.g. --field momentum_at --a server --b worker)")
+        _, pairs = plots.paired(df, field=args.field, a=args.a, b=args.b, stat=args.stat,
+                                metric=args.metric, hue=args.hue, path=out)
+        print(f"{len(pairs)} pairs; mean gain {pairs['gain'].mean():+.4f}; "
+              f"{args.b} better in {(pairs['gain'] > 0).mean():.1%}")
     print(f"wrote {out}")
     return 0
 
@@ -129,14 +176,37 @@ def main(argv=None) -> int:
     s.add_argument("config", nargs="?", default=str(Path("experiments") / "quickstart.toml"))
     s.add_argument("--out", help="output directory (default: [output] dir of the file, or runs/<name>)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--only", action="append", metavar="FIELD=V1,V2",
+                   help="run only the grid points with these values (repeatable), e.g. "
+                        "--only dataset=fashion_mnist --only seed=1,2")
+    s.add_argument("--skip-invalid", action="store_true",
+                   help="run the valid grid points; list the invalid ones in invalid.csv")
+    s.add_argument("--devices", type=int, help="devices on the runs mesh axis (default: all)")
+    s.add_argument("--runs-per-call", type=int, help="runs per batch (the unit of saving/resuming)")
+    s.add_argument("--vmap-width", type=int, help="runs vectorised together (default: auto)")
+    s.add_argument("--coordinator", help="multi-process: address:port of process 0")
+    s.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    s.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    s.add_argument("--distributed", action="store_true",
+                   help="multi-process with cluster auto-detection (jax.distributed.initialize())")
     s.set_defaults(fn=_cmd_run)
-    s = sub.add_parser("plot", help="plot accuracy curves from a results file or directory")
+    s = sub.add_parser("plot", help="figures from a results file or directory: curves, heatmap, paired")
+    s.add_argument("kind", nargs="?", choices=("curves", "heatmap", "paired"), default="curves")
     s.add_argument("results")
     s.add_argument("--out")
     s.add_argument("--hue", default="aggregator")
-    s.add_argument("--col", default="attack")
+    s.add_argument("--col", default=None, help="one panel per value of this column")
     s.add_argument("--metric", default="test_accuracy")
+    s.add_argument("--stat", default="best", choices=("best", "final"))
+    s.add_argument("--x", help="heatmap: column on the x axis (e.g. batch_size)")
+    s.add_argument("--y", help="heatmap: column on the y axis (e.g. f_real)")
+    s.add_argument("--field", help="paired: the field compared (e.g. momentum_at)")
+    s.add_argument("--a", help="paired: first value (x axis)")
+    s.add_argument("--b", help="paired: second value (y axis)")
     s.set_defaults(fn=_cmd_plot)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plot"] and len(argv) > 1 and argv[1] not in ("curves", "heatmap", "paired"):
+        argv.insert(1, "curves")  # `jbyz plot RESULTS` = curves
     args = p.parse_args(argv)
     from jbyz.registry import ConfigError
 

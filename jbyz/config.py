@@ -1,8 +1,11 @@
 """Run configurations: a dataclass, TOML files, and validation before any compute.
 
 A configuration file is TOML with a ``[run]`` table (fields of :class:`RunConfig`), an optional
-``[sweep]`` table (field -> list of values; the product is run) and an optional ``[output]``
-table (``dir``)::
+``[sweep]`` table (field -> list of values; the product is run), optional ``[[grid]]`` blocks
+(explicit parts of the grid where a single product is wrong: each block is a table of field ->
+value or list; the grid is the union over blocks of the product of ``[sweep]`` and the block,
+the block's fields overriding the sweep's), an optional ``[execution]`` table (how the grid runs:
+:class:`jbyz.grid.GridOptions`) and an optional ``[output]`` table (``dir``)::
 
     [run]
     dataset = "digits"
@@ -13,7 +16,13 @@ table (``dir``)::
 
     [sweep]
     aggregator = ["mean", "median", {name = "centered_clip", tau = 1.0}]
-    attack = ["none", "alie"]
+    attack = ["alie", "foe"]
+    seed = [1, 2, 3]
+
+    [[grid]]            # the attacked runs: the product above
+    [[grid]]            # plus unattacked references, with the mean only
+    attack = "none"
+    aggregator = "mean"
 
 A component field (``dataset``, ``model``, ``aggregator``, ``attack``) takes a name, or a table
 ``{name = ..., <hyper-parameters>}``. ``preaggregators`` is a list of names or such tables.
@@ -35,11 +44,12 @@ from jbyz.registry import ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "split": ("shared", "iid", "dirichlet", "extreme"),
-    "lr_schedule": ("constant", "cosine"),
+    "lr_schedule": ("constant", "cosine", "inverse_time"),
     "momentum_at": ("worker", "server", "none"),
     "momentum_form": ("ema", "sum"),
     "l2_form": ("squared", "norm"),
     "grad_method": ("auto", "vmap", "unroll", "map"),
+    "byzantine_arrival": ("honest", "first"),
 }
 
 
@@ -57,7 +67,10 @@ class RunConfig:
       f_real: how many workers are Byzantine (the first ``f_real`` slots).
       f: how many Byzantine workers the aggregator assumes (default ``f_real``).
       batch_size: mini-batch size per worker.
-      steps, lr, lr_schedule: number of steps, learning rate, ``constant`` or ``cosine`` decay.
+      steps, lr, lr_schedule, lr_schedule_kwargs: number of steps, learning rate and its schedule:
+        ``constant``; ``cosine`` (decay to 0 over ``steps``); ``inverse_time`` (El Mhamdi et al.'s
+        code: :math:`\\eta_t = \\eta_0 / (1 + t'/\\text{decay})` with :math:`t'` = ``t`` rounded down
+        to a multiple of ``every``; kwargs ``decay``, ``every``).
       momentum, momentum_at, momentum_form, nesterov: momentum coefficient; where it lives
         (``worker``: each worker sends its momentum; ``server``: on the aggregate; ``none``);
         ``ema`` or ``sum`` (heavy-ball) form; Nesterov variant.
@@ -73,6 +86,21 @@ class RunConfig:
       grad_method: how per-worker gradients are formed: ``vmap``, ``unroll`` (a loop over the
         static worker count; fastest for CNNs on XLA:CPU), ``map`` (``lax.map``), or ``auto``
         (``unroll`` for conv models on CPU, ``vmap`` otherwise); see ``benchmarks/NOTES_cnn.md``.
+      latency, latency_kwargs: a ``jbyz.protocols.LATENCIES`` model of per-round worker
+        latencies (``none``: no simulated clock). Adds the metrics ``round_time`` (mean simulated
+        duration of a round) and ``sim_time`` (simulated wall-clock since the start).
+      first_k: synchronous rounds keep only the ``k`` earliest arrivals (stragglers' vectors are
+        dropped; needs a latency model). ``None``: wait for everyone.
+      byzantine_arrival: ``honest`` (Byzantine workers draw latencies like everyone) or
+        ``first`` (they always arrive first: the worst case for first-k).
+      server_validation: the server holds this many training samples (removed from the workers'
+        data) and computes a gradient on a batch of them each step: the reference of rules that
+        need one (dSTAR, ``needs_reference``).
+      compute_budget: fixed-compute runs (Yang et al. 2024): the budget ``C`` of honest
+        per-sample gradient computations; the number of steps follows from the batch size and the
+        Byzantine fraction, :math:`T = \\lceil C / (B\\, m\\, (1 - \\delta)) \\rceil` with ``m`` =
+        ``n_workers`` and :math:`\\delta` = ``f_real / n_workers`` (``steps`` is then derived and
+        any value given for it is replaced).
       seed: seeds data split, model initialisation and every random draw of the run.
     """
 
@@ -89,6 +117,7 @@ class RunConfig:
     steps: int = 300
     lr: float = 0.1
     lr_schedule: str = "constant"
+    lr_schedule_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     momentum: float = 0.9
     momentum_at: str = "worker"
     momentum_form: str = "ema"
@@ -105,6 +134,12 @@ class RunConfig:
     eval_every: int = 25
     diagnostics: bool = True
     grad_method: str = "auto"
+    latency: str = "none"
+    latency_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    first_k: int | None = None
+    byzantine_arrival: str = "honest"
+    server_validation: int = 0
+    compute_budget: int | None = None
     seed: int = 0
 
     @property
@@ -130,7 +165,7 @@ class RunConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
-_COMPONENTS = ("dataset", "model", "aggregator", "attack")
+_COMPONENTS = ("dataset", "model", "aggregator", "attack", "latency")
 
 
 def _norm_pre(pre) -> tuple[tuple[str, dict], ...]:
@@ -171,10 +206,20 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
         raise ConfigError("; ".join(msgs) + f". Valid fields: {', '.join(sorted(FIELDS))}.")
     if "preaggregators" in d:
         d["preaggregators"] = _norm_pre(d["preaggregators"])
-    for k in ("dataset_kwargs", "model_kwargs", "aggregator_kwargs", "attack_kwargs"):
+    for k in ("dataset_kwargs", "model_kwargs", "aggregator_kwargs", "attack_kwargs", "latency_kwargs",
+              "lr_schedule_kwargs"):
         if k in d:
             d[k] = dict(d[k])
-    return RunConfig(**d)
+    cfg = RunConfig(**d)
+    if cfg.compute_budget is not None:
+        cfg = dataclasses.replace(cfg, steps=budget_steps(cfg))
+    return cfg
+
+
+def budget_steps(cfg: RunConfig) -> int:
+    """Steps of a fixed-compute run: ``ceil(C / (B * (n - f_real)))`` (at least 1)."""
+    honest = max(1, cfg.n_workers - cfg.f_real)
+    return max(1, -(-int(cfg.compute_budget) // (cfg.batch_size * honest)))
 
 
 def validate(cfg: RunConfig) -> list[str]:
@@ -202,6 +247,11 @@ def validate(cfg: RunConfig) -> list[str]:
         )
     if cfg.f is not None and (not isinstance(cfg.f, int) or cfg.f < 0):
         errors.append(f"f (declared) must be an integer >= 0 or omitted, got {cfg.f!r}")
+    allowed = {"constant": set(), "cosine": set(), "inverse_time": {"decay", "every"}}.get(cfg.lr_schedule, set())
+    bad = sorted(set(cfg.lr_schedule_kwargs) - allowed)
+    if bad:
+        errors.append(f"lr_schedule_kwargs {bad} not understood by lr_schedule={cfg.lr_schedule!r}; "
+                      f"valid: {sorted(allowed) or 'none'}")
     if not (cfg.lr > 0):
         errors.append(f"lr must be > 0, got {cfg.lr}")
     if not (0.0 <= cfg.momentum < 1.0):
@@ -240,6 +290,24 @@ def validate(cfg: RunConfig) -> list[str]:
         if msg:
             errors.append(msg)
         rows = pre.out_rows(rows)
+    if cfg.first_k is not None:
+        if not isinstance(cfg.first_k, int) or isinstance(cfg.first_k, bool) or not 1 <= cfg.first_k <= cfg.n_workers:
+            errors.append(f"first_k must be an integer in [1, n_workers={cfg.n_workers}] or omitted, "
+                          f"got {cfg.first_k!r}")
+        else:
+            rows = min(rows, cfg.first_k) if not cfg.preaggregators else rows
+        if cfg.latency == "none":
+            errors.append("first_k needs a latency model (latency = \"shifted_exponential\", "
+                          "\"gamma\", \"slow_subset\", ...) to decide who arrives first")
+    if cfg.latency != "none":
+        from jbyz import protocols
+
+        _build(protocols.LATENCIES, cfg.latency, cfg.latency_kwargs)
+    if not isinstance(cfg.server_validation, int) or cfg.server_validation < 0:
+        errors.append(f"server_validation must be an integer >= 0, got {cfg.server_validation!r}")
+    if agg is not None and getattr(agg, "needs_reference", False) and not cfg.server_validation:
+        errors.append(f"aggregator {cfg.aggregator!r} needs a server reference gradient: set "
+                      "server_validation to the number of training samples the server holds (e.g. 500)")
     if agg is not None and f < cfg.n_workers:
         msg = agg.requirement(rows, f)
         if msg:
@@ -259,25 +327,34 @@ def check(cfg: RunConfig) -> RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """A configuration file: a base run, the sweep product, and where results go."""
+    """A configuration file: a base run, the sweep product and blocks, execution options, output."""
 
     base: RunConfig
     sweep: Mapping[str, list]
     output_dir: Path
     source: Path | None = None
+    blocks: tuple = ()
+    execution: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def runs(self) -> list[RunConfig]:
-        if not self.sweep:
-            return [self.base]
-        keys = list(self.sweep)
-        out = []
-        for values in itertools.product(*(self.sweep[k] for k in keys)):
-            d = self.base.to_dict()
-            for k, v in zip(keys, values):
-                if k in _COMPONENTS and isinstance(v, Mapping):
-                    d[f"{k}_kwargs"] = {}
-                d[k] = v
-            out.append(from_dict(d))
+        """Every grid point, in a deterministic order (duplicates removed)."""
+        out, seen = [], set()
+        for block in self.blocks or ({},):
+            axes = {**self.sweep, **{k: (v if isinstance(v, list) else [v]) for k, v in block.items()}}
+            keys = list(axes)
+            for values in itertools.product(*(axes[k] for k in keys)):
+                d = self.base.to_dict()
+                for k, v in zip(keys, values):
+                    if k in _COMPONENTS and isinstance(v, Mapping):
+                        d[f"{k}_kwargs"] = {}
+                    elif k in _COMPONENTS and isinstance(v, str) and v != getattr(self.base, k):
+                        d[f"{k}_kwargs"] = {}
+                    d[k] = v
+                cfg = from_dict(d)
+                h = cfg.config_hash()
+                if h not in seen:
+                    seen.add(h)
+                    out.append(cfg)
         return out
 
 
@@ -292,17 +369,32 @@ def load_experiment(path: str | Path | None = None, *, text: str | None = None) 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    extra = set(raw) - {"run", "sweep", "output"}
+    extra = set(raw) - {"run", "sweep", "grid", "execution", "output"}
     if extra:
-        raise ConfigError(f"{path}: unknown table(s) {sorted(extra)}; valid tables: [run], [sweep], [output]")
+        raise ConfigError(f"{path}: unknown table(s) {sorted(extra)}; valid tables: [run], [sweep], "
+                          "[[grid]], [execution], [output]")
     base = from_dict(raw.get("run", {}))
     sweep = dict(raw.get("sweep", {}))
-    bad = [k for k in sweep if k not in FIELDS]
-    if bad:
-        raise ConfigError(f"[sweep] has unknown field(s) {bad}; valid fields: {', '.join(sorted(FIELDS))}")
+    blocks = raw.get("grid", [])
+    if isinstance(blocks, Mapping):
+        blocks = [blocks]
+    for where, table in [("[sweep]", sweep)] + [(f"[[grid]] block {i + 1}", b) for i, b in enumerate(blocks)]:
+        bad = [k for k in table if k not in FIELDS]
+        if bad:
+            sugg = {k: difflib.get_close_matches(k, FIELDS, n=1) for k in bad}
+            hint = ", ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in sugg.items())
+            raise ConfigError(f"{where} has unknown field(s) {hint}; valid fields: {', '.join(sorted(FIELDS))}")
     for k, v in sweep.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"[sweep] {k} must be a non-empty list, got {v!r}")
+    for i, b in enumerate(blocks):
+        for k, v in b.items():
+            if isinstance(v, list) and not v:
+                raise ConfigError(f"[[grid]] block {i + 1}: {k} is an empty list")
+    execution = dict(raw.get("execution", {}))
+    from jbyz.grid import GridOptions
+
+    GridOptions.from_dict(execution)  # reports unknown / invalid options now
     default_dir = Path("runs") / (Path(path).stem if path else "experiment")
     out = Path(raw.get("output", {}).get("dir", default_dir))
-    return Experiment(base, sweep, out, Path(path) if path else None)
+    return Experiment(base, sweep, out, Path(path) if path else None, tuple(blocks), execution)

@@ -3,6 +3,10 @@
 * :func:`accuracy_curves`: test accuracy against steps, one line per ``hue`` value (mean over
   seeds with a min-max band), one panel per ``col`` value.
 * :func:`final_accuracy_bars`: final (or best) accuracy per configuration, grouped.
+* :func:`heatmap`: a per-run statistic (best / final accuracy) over two axes (for example batch
+  size x Byzantine fraction), mean over seeds and the other axes, one panel per ``col`` value.
+* :func:`paired`: paired comparison of two values of one field (for example worker vs server
+  momentum): each point is one configuration and seed, x = the first value, y = the second.
 """
 
 from __future__ import annotations
@@ -94,3 +98,118 @@ def final_accuracy_bars(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150)
     return fig
+
+
+def per_run(df: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
+    """One row per run: its config columns plus ``best`` (max over evaluations) and ``final``."""
+    key = "run_id" if "run_id" in df else None
+    if key is None:
+        raise ValueError("per_run needs a results table with a run_id column")
+    df = df.sort_values("step")
+    stats = df.groupby(key)[metric].agg(best="max", final="last")
+    first = df.groupby(key).first()
+    return first.join(stats).reset_index()
+
+
+def heatmap(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    stat: str = "best",
+    metric: str = "test_accuracy",
+    col: str | None = None,
+    path: str | Path | None = None,
+    title: str | None = None,
+    fmt: str = "{:.2f}",
+):
+    """A heatmap of a per-run statistic over two config axes (mean over seeds and other axes).
+
+    Args:
+      df: a results table.
+      x, y: the two config columns (for example ``batch_size`` and ``f_real``).
+      stat: ``"best"`` (highest observed ``metric`` of a run) or ``"final"``.
+      col: one panel per value of this column (optional).
+    Returns the figure (and writes it to ``path``).
+    """
+    plt = _mpl()
+    runs = per_run(df, metric)
+    cols = [None] if col is None else list(dict.fromkeys(runs[col]))
+    xs = sorted(runs[x].dropna().unique())
+    ys = sorted(runs[y].dropna().unique())
+    fig, axes = plt.subplots(1, len(cols), figsize=(0.9 * len(xs) * len(cols) + 2.2, 0.55 * len(ys) + 1.8),
+                             squeeze=False)
+    vmin, vmax = runs[stat].min(), runs[stat].max()
+    for ax, c in zip(axes[0], cols):
+        sub = runs if c is None else runs[runs[col] == c]
+        grid = sub.pivot_table(index=y, columns=x, values=stat, aggfunc="mean").reindex(index=ys, columns=xs)
+        im = ax.imshow(grid.to_numpy(float), origin="lower", aspect="auto", cmap="viridis",
+                       vmin=vmin, vmax=vmax)
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                v = grid.iat[i, j]
+                if pd.notna(v):
+                    ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                            color="white" if v < (vmin + vmax) / 2 else "black")
+        ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=45)
+        ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(f"{col} = {c}" if c is not None else (title or ""), fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"{stat} {metric.replace('_', ' ')}")
+    if title and cols != [None]:
+        fig.suptitle(title, fontsize=11)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return fig
+
+
+def paired(
+    df: pd.DataFrame,
+    *,
+    field: str,
+    a,
+    b,
+    stat: str = "best",
+    metric: str = "test_accuracy",
+    hue: str | None = "aggregator",
+    path: str | Path | None = None,
+    title: str | None = None,
+):
+    """Paired comparison of ``field = a`` vs ``field = b`` (e.g. momentum_at server vs worker).
+
+    Runs are paired when every other config field (seed included) is equal. Each pair is a point
+    (x: the ``a`` run's statistic, y: the ``b`` run's); points above the diagonal favour ``b``.
+    Returns ``(figure, pairs)`` where ``pairs`` is a DataFrame with columns ``a``, ``b``, ``gain``.
+    """
+    from jbyz.config import FIELDS
+
+    plt = _mpl()
+    runs = per_run(df, metric)
+    keys = [c for c in runs.columns if c in FIELDS and c != field]
+    A = runs[runs[field].astype(str) == str(a)].set_index(keys)[stat].rename("a")
+    B = runs[runs[field].astype(str) == str(b)].set_index(keys)[stat].rename("b")
+    pairs = pd.concat([A, B], axis=1, join="inner").reset_index()
+    pairs["gain"] = pairs["b"] - pairs["a"]
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    hues = list(dict.fromkeys(pairs[hue])) if hue in pairs else [None]
+    cmap = plt.get_cmap("tab10")
+    for i, h in enumerate(hues):
+        s = pairs if h is None else pairs[pairs[hue] == h]
+        ax.scatter(s["a"], s["b"], s=14, alpha=0.75, color=cmap(i % 10), label=str(h))
+    lo = min(pairs["a"].min(), pairs["b"].min()) if len(pairs) else 0
+    hi = max(pairs["a"].max(), pairs["b"].max()) if len(pairs) else 1
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(f"{stat} {metric.replace('_', ' ')}, {field} = {a}")
+    ax.set_ylabel(f"{stat} {metric.replace('_', ' ')}, {field} = {b}")
+    better = (pairs["gain"] > 0).mean() if len(pairs) else float("nan")
+    ax.set_title(title or f"{len(pairs)} pairs; {field} = {b} better in {better:.0%}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if hues != [None]:
+        ax.legend(title=hue, fontsize=7, title_fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150)
+    return fig, pairs

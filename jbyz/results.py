@@ -63,6 +63,7 @@ def write_table(df: pd.DataFrame, path: str | Path, metadata: dict | None = None
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -78,9 +79,19 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
-    """Loads a results file, or every ``*.parquet`` under a directory, into one DataFrame."""
+    """Loads a results file or directory into one DataFrame.
+
+    A directory holding ``results.parquet`` (a grid's output) loads that table; a grid still
+    running (only ``parts/``) loads its finished parts; any other directory loads every
+    ``*.parquet`` under it.
+    """
     path = Path(path)
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if path.is_dir() and (path / "results.parquet").exists():
+        files = [path / "results.parquet"]
+    elif path.is_dir() and (path / "parts").is_dir():
+        files = sorted((path / "parts").glob("*.parquet"))
+    else:
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no .parquet results under {str(path)!r}")
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)

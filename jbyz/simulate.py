@@ -7,8 +7,14 @@ The pipeline of one step (design.md §1)::
          -> normalise / server momentum / learning rate -> parameter update
 
 It is built from the same optax transforms a user chains by hand (:mod:`jbyz.transforms`).
-The host drives chunks of ``eval_every`` steps (one compiled ``lax.scan`` each, carry donated),
-evaluates on the test set between chunks and shows a progress bar.
+
+A configuration splits into a **static** part (shapes, kinds, model, the number of worker slots,
+step counts: :func:`static_key`) and a **dynamic** part (:class:`Dyn`: the seed's key, lr,
+momentum, weight decay, real and declared f, clipping radius, the number of real workers). A
+:class:`Program` is compiled once per static part and takes the dynamic part as array
+arguments, so one compiled program serves every seed, lr, f ... of a grid (:mod:`jbyz.grid`
+vmaps it over runs). Different numbers of workers share a program by padding to ``n_max`` worker
+slots: slots ``>= n_workers`` are invalid rows that every kernel ignores.
 
 Keys are derived by position: ``run = key(seed)``, ``step = fold_in(run, t)``,
 ``worker = fold_in(step, i)``, so a run's randomness does not depend on anything around it.
@@ -32,9 +38,14 @@ from jbyz import aggregators, attacks, data, models, preaggregators, transforms
 from jbyz.config import RunConfig, _norm_pre, check
 from jbyz.types import byzantine_mask
 
+# Salts of the per-step key streams (attack, aggregation, dropout, protocol).
+_SALT_DROPOUT = 1
+_SALT_TX = 2
+_SALT_PROTOCOL = 3
 
-# Compiled (chunk, eval) programs keyed by the configuration without its seed.
-_PROGRAMS: dict = {}
+# Fields a compiled program takes as array arguments (vary freely inside one group of a grid).
+DYNAMIC_FIELDS = ("seed", "lr", "momentum", "weight_decay", "f_real", "f", "clip_per_worker",
+                  "n_workers", "dirichlet_alpha", "first_k")
 
 
 class Carry(NamedTuple):
@@ -44,13 +55,32 @@ class Carry(NamedTuple):
     byz_state: Any
     agg_state: Any
     server_state: Any
+    proto_state: Any  # the latency model's per-run state (per-worker speeds)
+    clock: jax.Array  # simulated wall-clock time
 
 
-class TrainData(NamedTuple):
-    x: jax.Array
-    y: jax.Array
-    indices: jax.Array
-    sizes: jax.Array
+class Dyn(NamedTuple):
+    """The dynamic (array) part of a run configuration. A grid stacks these along a runs axis."""
+
+    seed: jax.Array  # int32; the run key is ``jax.random.key(seed)``
+    lr: jax.Array
+    momentum: jax.Array
+    weight_decay: jax.Array
+    f_real: jax.Array  # int32
+    f: jax.Array  # int32, declared
+    clip: jax.Array  # clipping radius (unused when the static config does not clip)
+    n_valid: jax.Array  # int32, real worker slots (the rest is padding)
+    k: jax.Array  # int32, first-k: arrivals kept per round (n_workers when waiting for all)
+
+
+class RunInputs(NamedTuple):
+    """Everything a run needs besides the shared dataset: dynamic values, initial model, split."""
+
+    dyn: Dyn
+    params0: jax.Array  # [d] flat initial parameters
+    model_state0: Any
+    indices: jax.Array  # [n_max, m] int32, worker data split (padded)
+    sizes: jax.Array  # [n_max] int32
 
 
 @dataclasses.dataclass
@@ -89,91 +119,160 @@ def load_data(cfg: RunConfig) -> data.Dataset:
     return _load_cached(cfg.dataset, tuple(sorted(cfg.dataset_kwargs.items())))
 
 
-class Simulation:
-    """The compiled pieces of one run configuration (reusable across seeds of the same shape)."""
+def static_key(cfg: RunConfig, *, pad_workers: bool = False) -> str:
+    """The part of ``cfg`` that decides the compiled program (JSON). Runs with equal keys share one.
 
-    def __init__(self, cfg: RunConfig, dataset: data.Dataset | None = None):
-        self.cfg = cfg = check(cfg)
+    Dynamic fields are replaced by what they decide structurally: whether momentum, weight decay
+    and clipping are on at all. With ``pad_workers`` the number of workers is dynamic too (the
+    program is compiled for the group's largest ``n``).
+    """
+    d = cfg.to_dict()
+    for k in DYNAMIC_FIELDS:
+        d[k] = None
+    d["momentum"] = cfg.momentum_at != "none" and cfg.momentum > 0
+    d["weight_decay"] = cfg.weight_decay > 0
+    d["clip_per_worker"] = cfg.clip_per_worker is not None
+    d["first_k"] = cfg.first_k is not None
+    if not pad_workers:
+        d["n_workers"] = cfg.n_workers
+    if cfg.split == "dirichlet":
+        d["dirichlet_alpha"] = "dynamic"
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def computes_byzantine_gradients(cfg: RunConfig) -> bool:
+    """Whether Byzantine slots need their honest gradient (label flipping, own-vector attacks)."""
+    atk = attacks.ATTACKS.build(cfg.attack, **dict(cfg.attack_kwargs))
+    return atk.flips_labels or atk.needs_own_vector
+
+
+class Program:
+    """The compiled pieces shared by every run with the same :func:`static_key`.
+
+    Args:
+      cfg: a representative configuration of the group (its dynamic fields are ignored).
+      n_max: worker slots compiled for (``>= cfg.n_workers``; larger pads).
+      grad_rows: how many worker slots (the last ones) compute gradients; the first
+        ``n_max - grad_rows`` slots are Byzantine in every run of the group and skip it.
+      dataset: the loaded dataset (default: loaded from ``cfg``).
+    """
+
+    def __init__(self, cfg: RunConfig, n_max: int | None = None, grad_rows: int | None = None,
+                 dataset: data.Dataset | None = None):
+        self.cfg = cfg
         self.dataset = ds = dataset if dataset is not None else load_data(cfg)
-        n = cfg.n_workers
-        self.n = n
-        self.model = models.build_model(
-            cfg.model, ds.input_shape, max(ds.num_classes, 1),
-            key=jax.random.key(cfg.seed), **dict(cfg.model_kwargs),
-        )
-        split = data.split_workers(ds.y_train, n, cfg.split, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-        self.train = TrainData(
-            jnp.asarray(ds.x_train), jnp.asarray(ds.y_train),
-            jnp.asarray(split.indices), jnp.asarray(split.sizes),
-        )
-        self.test = (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+        self.n = n = int(n_max or cfg.n_workers)
         self.attack = attacks.ATTACKS.build(cfg.attack, **dict(cfg.attack_kwargs))
         self.aggregator = aggregators.AGGREGATORS.build(cfg.aggregator, **dict(cfg.aggregator_kwargs))
         self.pre = tuple(
             preaggregators.PREAGGREGATORS.build(name, **kw) for name, kw in _norm_pre(cfg.preaggregators)
         )
-        # Gradients are computed only for the rows an attack can use: Byzantine workers that
-        # run the honest computation (label flipping, sign flipping of their own vector) need it.
         own = self.attack.flips_labels or self.attack.needs_own_vector
-        self.grad_rows = n if own or cfg.attack == "none" else n - cfg.f_real
+        if grad_rows is None:
+            grad_rows = n if own or cfg.attack == "none" else n - cfg.f_real
+        self.grad_rows = int(grad_rows)
+        self.model = self.build_model(0)
         self.grad_method = models.resolve_grad_method(self.model, cfg.grad_method)
-        # The run works on one flat parameter vector: per-worker gradients come out as one
-        # [n, d] matrix, so the robust stages ravel nothing and copy nothing per step.
-        self.flat_params, self.unravel = ravel_pytree(self.model.params)
-        self._build_transforms()
-        self.run_key = jax.random.key(cfg.seed)
-        # Runs that differ only in their seed share one compiled program: the seed enters as
-        # the run key argument, the initial parameters and the data split, never as a constant.
-        sig = (json.dumps({**cfg.to_dict(), "seed": None}, sort_keys=True, default=str), id(ds))
-        if sig not in _PROGRAMS:
-            if len(_PROGRAMS) >= 64:
-                _PROGRAMS.pop(next(iter(_PROGRAMS)))
-            _PROGRAMS[sig] = jax.jit(self._chunk_impl, static_argnums=(2,), donate_argnums=(0,))
-        self._chunk = _PROGRAMS[sig]
-        # Evaluation depends only on the model and the data: shared across rules and attacks.
-        esig = (cfg.model, json.dumps(dict(cfg.model_kwargs), sort_keys=True, default=str), id(ds))
-        if esig not in _PROGRAMS:
-            _PROGRAMS[esig] = jax.jit(self._eval_impl)
-        self._eval = _PROGRAMS[esig]
+        flat, self.unravel = ravel_pytree(self.model.params)
+        self.d = int(flat.shape[0])
+        self.momentum_on = cfg.momentum_at != "none" and cfg.momentum > 0
+        self.train = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+        # The server's validation samples: the last `server_validation` training samples,
+        # removed from the workers' data.
+        self.n_server = int(cfg.server_validation)
+        self.n_worker_samples = len(ds.y_train) - self.n_server
+        self.latency = None
+        if cfg.latency != "none":
+            from jbyz import protocols
+
+            self.latency = protocols.LATENCIES.build(cfg.latency, **dict(cfg.latency_kwargs))
+        self.test = (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+        self._compiled: dict = {}
+
+    # ------------------------------------------------------------------ host-side inputs
+    def build_model(self, seed: int) -> models.FunctionalModel:
+        ds = self.dataset
+        return models.build_model(self.cfg.model, ds.input_shape, max(ds.num_classes, 1),
+                                  key=jax.random.key(seed), **dict(self.cfg.model_kwargs))
+
+    def inputs(self, cfg: RunConfig, width: int | None = None) -> RunInputs:
+        """The :class:`RunInputs` of one configuration of this program's group (numpy arrays)."""
+        n = self.n
+        model = self.build_model(cfg.seed)
+        flat, _ = ravel_pytree(model.params)
+        split = data.split_workers(self.dataset.y_train[:self.n_worker_samples], cfg.n_workers,
+                                   cfg.split, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+        idx, sizes = split.indices, split.sizes
+        m = max(idx.shape[1], width or 0)
+        idx = np.pad(idx, ((0, n - idx.shape[0]), (0, m - idx.shape[1])), mode="edge")
+        sizes = np.pad(sizes, (0, n - sizes.shape[0]), constant_values=1)
+        dyn = Dyn(
+            seed=np.int32(cfg.seed),
+            lr=np.float32(cfg.lr),
+            momentum=np.float32(cfg.momentum),
+            weight_decay=np.float32(cfg.weight_decay),
+            f_real=np.int32(cfg.f_real),
+            f=np.int32(cfg.f_declared),
+            clip=np.float32(cfg.clip_per_worker or 0.0),
+            n_valid=np.int32(cfg.n_workers),
+            k=np.int32(cfg.first_k if cfg.first_k is not None else cfg.n_workers),
+        )
+        return RunInputs(dyn, np.asarray(flat), jax.tree.map(np.asarray, model.state),
+                         idx.astype(np.int32), sizes.astype(np.int32))
+
+    def split_width(self, cfg: RunConfig) -> int:
+        """Width of the padded index table of ``cfg``'s data split (to stack runs of a group)."""
+        if cfg.split == "shared":
+            return self.n_worker_samples
+        split = data.split_workers(self.dataset.y_train[:self.n_worker_samples], cfg.n_workers, cfg.split,
+                                   alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+        return int(split.indices.shape[1])
 
     # ------------------------------------------------------------------ optimiser pieces
-    def _build_transforms(self):
+    def transforms(self, dyn: Dyn):
+        """The four optax stages of a run, closed over its dynamic values (traced or concrete)."""
         cfg, n = self.cfg, self.n
         worker = []
         if cfg.clip_per_worker is not None:
-            worker.append(transforms.clip_per_worker(cfg.clip_per_worker, n))
-        if cfg.momentum_at == "worker" and cfg.momentum > 0:
+            worker.append(transforms.clip_per_worker(dyn.clip, n))
+        if self.momentum_on and cfg.momentum_at == "worker":
             worker.append(transforms.worker_momentum(
-                cfg.momentum, n, form=cfg.momentum_form, nesterov=cfg.nesterov))
-        self.tx_worker = optax.chain(*worker) if worker else optax.identity()
-        self.tx_byz = transforms.byzantine(self.attack, cfg.f_real, n, seed=cfg.seed)
-        self.tx_agg = transforms.robust_aggregate(
-            self.aggregator, cfg.f_declared, n, preaggregators=self.pre, seed=cfg.seed)
+                dyn.momentum, n, form=cfg.momentum_form, nesterov=cfg.nesterov))
+        tx_worker = optax.chain(*worker) if worker else optax.with_extra_args_support(optax.identity())
+        tx_byz = transforms.byzantine(self.attack, dyn.f_real, n)
+        tx_agg = transforms.robust_aggregate(self.aggregator, dyn.f, n, preaggregators=self.pre)
         server = []
         if cfg.normalize:
             server.append(transforms.normalize())
-        if cfg.momentum_at == "server" and cfg.momentum > 0:
+        if self.momentum_on and cfg.momentum_at == "server":
             if cfg.momentum_form == "ema":
-                server.append(optax.ema(cfg.momentum, debias=False))
+                server.append(optax.ema(dyn.momentum, debias=False))
             else:
-                server.append(optax.trace(cfg.momentum, nesterov=cfg.nesterov))
+                server.append(optax.trace(dyn.momentum, nesterov=cfg.nesterov))
         if cfg.lr_schedule == "cosine":
-            sched = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
+            sched = optax.cosine_decay_schedule(dyn.lr, cfg.steps)
+        elif cfg.lr_schedule == "inverse_time":
+            kw = dict(cfg.lr_schedule_kwargs)
+            decay, every = float(kw.get("decay", 5000.0)), int(kw.get("every", 1))
+            sched = lambda t: dyn.lr / (1.0 + (t // every * every) / decay)
         else:
-            sched = optax.constant_schedule(cfg.lr)
+            sched = optax.constant_schedule(dyn.lr)
         server.append(optax.scale_by_learning_rate(sched))
-        self.tx_server = optax.chain(*server)
+        return tx_worker, tx_byz, tx_agg, optax.chain(*server)
 
-    def init(self) -> Carry:
-        # Copies: the carry is donated to the compiled chunks.
-        p = jnp.copy(self.flat_params)
-        return Carry(
-            p, jax.tree.map(jnp.copy, self.model.state), self.tx_worker.init(p), self.tx_byz.init(p),
-            self.tx_agg.init(p), self.tx_server.init(p),
-        )
+    def init(self, inp: RunInputs) -> Carry:
+        """The initial carry of one run (traceable; vmap it over runs)."""
+        p = jnp.asarray(inp.params0)
+        txs = self.transforms(inp.dyn)
+        proto = ()
+        if self.latency is not None:
+            key = jax.random.fold_in(jax.random.key(inp.dyn.seed), 0x5EED_1A7)
+            proto = self.latency.init(key, self.n)
+        return Carry(p, jax.tree.map(jnp.asarray, inp.model_state0), *(tx.init(p) for tx in txs),
+                     proto, jnp.zeros([], jnp.float32))
 
     # ------------------------------------------------------------------ the step
-    def _loss(self, flat, mstate, x, y, key):
+    def _loss(self, flat, mstate, x, y, key, wd):
         cfg = self.cfg
         params = self.unravel(flat)
         out, new_state = self.model.apply(params, mstate, x, train=True, key=key)
@@ -182,53 +281,90 @@ class Simulation:
         else:
             loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
         if cfg.weight_decay > 0:
-            sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
-            loss = loss + (0.5 * cfg.weight_decay * sq if cfg.l2_form == "squared"
-                           else cfg.weight_decay * jnp.sqrt(sq))
+            sq = jnp.sum(jnp.square(flat))
+            loss = loss + (0.5 * wd * sq if cfg.l2_form == "squared" else wd * jnp.sqrt(sq))
         return loss, new_state
 
-    def _step(self, carry: Carry, t, train: TrainData, run_key):
+    def step(self, carry: Carry, t, inp: RunInputs, train):
         cfg, n, rows = self.cfg, self.n, self.grad_rows
-        step_key = jax.random.fold_in(run_key, t)
-        first = n - rows  # rows [first, n) are computed
+        dyn = inp.dyn
+        x_all, y_all = train
+        step_key = jax.random.fold_in(jax.random.key(dyn.seed), t)
+        first = n - rows  # slots [first, n) compute gradients
         worker_ids = jnp.arange(first, n)
         wkeys = jax.vmap(lambda w: jax.random.fold_in(step_key, w))(worker_ids)
         idx = jax.vmap(data.sample_indices, in_axes=(0, 0, 0, None))(
-            wkeys, train.indices[first:], train.sizes[first:], cfg.batch_size)
-        xb, yb = train.x[idx], train.y[idx]
-        byz = byzantine_mask(n, cfg.f_real)
+            wkeys, inp.indices[first:], inp.sizes[first:], cfg.batch_size)
+        xb, yb = x_all[idx], y_all[idx]
+        valid = jnp.arange(n) < dyn.n_valid
+        byz = byzantine_mask(n, dyn.f_real) & valid
         if self.attack.flips_labels:
             yb = jnp.where(byz[first:, None], data.flip_labels(yb, self.dataset.num_classes), yb)
-        dkeys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(wkeys)
-        grad_fn = models.map_workers(jax.value_and_grad(self._loss, has_aux=True), self.grad_method)
+        dkeys = jax.vmap(lambda k: jax.random.fold_in(k, _SALT_DROPOUT))(wkeys)
+        loss = functools.partial(self._loss, wd=dyn.weight_decay)
+        grad_fn = models.map_workers(
+            lambda *a: jax.value_and_grad(loss, has_aux=True)(*a), self.grad_method)
         (losses, new_mstates), grads = grad_fn(carry.params, carry.model_state, xb, yb, dkeys)
         if first:
-            grads = jax.tree.map(
-                lambda g: jnp.concatenate([jnp.zeros((first,) + g.shape[1:], g.dtype), g]), grads)
-        honest = ~byz
+            grads = jnp.concatenate([jnp.zeros((first,) + grads.shape[1:], grads.dtype), grads])
+        metrics = {}
+        clock = carry.clock
+        if self.latency is not None:
+            from jbyz import protocols
+
+            lat = self.latency.sample(jax.random.fold_in(step_key, n + _SALT_PROTOCOL),
+                                      carry.proto_state, n)
+            if cfg.first_k is not None:
+                valid, round_time = protocols.first_k(lat, dyn.k, valid, byz, cfg.byzantine_arrival)
+                byz = byz & valid
+            else:
+                round_time = protocols.synchronous_round_time(lat, valid)
+            clock = clock + round_time
+            metrics.update(round_time=round_time, sim_time=clock)
+        honest = valid & ~byz
         w_h = honest[first:].astype(jnp.float32) / jnp.sum(honest[first:])
         model_state = jax.tree.map(lambda s: jnp.tensordot(w_h, s, axes=1).astype(s.dtype), new_mstates)
 
-        sent, worker_state = self.tx_worker.update(grads, carry.worker_state, carry.params)
-        sent, byz_state = self.tx_byz.update(sent, carry.byz_state, carry.params)
-        agg, agg_state = self.tx_agg.update(sent, carry.agg_state, carry.params)
-        upd, server_state = self.tx_server.update(agg, carry.server_state, carry.params)
+        tx_worker, tx_byz, tx_agg, tx_server = self.transforms(dyn)
+        tx_key = jax.random.fold_in(step_key, n + _SALT_TX)
+        extra = dict(valid=valid, key=tx_key)
+        sent, worker_state = tx_worker.update(grads, carry.worker_state, carry.params, valid=valid)
+        sent, byz_state = tx_byz.update(sent, carry.byz_state, carry.params, **extra)
+        if self.n_server:
+            extra["reference"] = self._server_gradient(carry, step_key, train, dyn)
+        agg, agg_state = tx_agg.update(sent, carry.agg_state, carry.params, **extra)
+        upd, server_state = tx_server.update(agg, carry.server_state, carry.params)
         params = optax.apply_updates(carry.params, upd)
-        metrics = {"train_loss": jnp.sum(w_h * losses)}
+        metrics["train_loss"] = jnp.sum(w_h * losses)
         if cfg.diagnostics:
             metrics.update(_diagnostics(sent, agg, honest))
-        new = Carry(params, model_state, worker_state, byz_state, agg_state, server_state)
+        new = Carry(params, model_state, worker_state, byz_state, agg_state, server_state,
+                    carry.proto_state, clock)
         return new, metrics
 
-    def _chunk_impl(self, carry, t0, length, train, run_key):
+    def _server_gradient(self, carry, step_key, train, dyn):
+        """The server's gradient on a batch of its validation samples (dSTAR's reference)."""
+        key = jax.random.fold_in(step_key, self.n + _SALT_PROTOCOL + 1)
+        pos = jax.random.randint(key, (self.cfg.batch_size,), self.n_worker_samples,
+                                 self.n_worker_samples + self.n_server)
+        x, y = train[0][pos], train[1][pos]
+        (_, _), g = jax.value_and_grad(self._loss, has_aux=True)(
+            carry.params, carry.model_state, x, y, jax.random.fold_in(key, 1), dyn.weight_decay)
+        return g
+
+    def chunk(self, carry, t0, length: int, inp: RunInputs, train):
+        """``length`` steps from step ``t0`` as one ``lax.scan``; returns the mean metrics."""
         def body(c, t):
-            return self._step(c, t, train, run_key)
+            return self.step(c, t, inp, train)
 
         carry, ms = jax.lax.scan(body, carry, t0 + jnp.arange(length))
-        return carry, jax.tree.map(jnp.mean, ms)
+        # Means over the chunk; the simulated clock is reported at the chunk's end.
+        return carry, {k: (v[-1] if k == "sim_time" else jnp.mean(v)) for k, v in ms.items()}
 
-    def _eval_impl(self, params, mstate, x, y):
-        chunk = 1000
+    def evaluate(self, params, mstate, test):
+        """Test loss and accuracy of one run's parameters (chunks of 1000 images)."""
+        x, y = test
+        chunk = min(1000, x.shape[0])
         N = x.shape[0]
         pad = (-N) % chunk
         xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
@@ -250,17 +386,51 @@ class Simulation:
         losses, corrects = jax.lax.map(one, (shape(xp), shape(yp), shape(m)))
         return {"test_loss": jnp.sum(losses) / N, "test_accuracy": jnp.sum(corrects) / N}
 
-    # ------------------------------------------------------------------ host loop
-    def evaluate(self, carry: Carry) -> dict[str, float]:
-        out = self._eval(carry.params, carry.model_state, *self.test)
-        return {k: float(v) for k, v in out.items()}
+    # ------------------------------------------------------------------ compiled entry points
+    def compiled_single(self):
+        """``(init, chunk, eval)`` jitted for one run (no runs axis)."""
+        if "single" not in self._compiled:
+            init = jax.jit(self.init)
+            chunk = jax.jit(self.chunk, static_argnums=(2,), donate_argnums=(0,))
+            ev = jax.jit(lambda c, test: self.evaluate(c.params, c.model_state, test))
+            self._compiled["single"] = (init, chunk, ev)
+        return self._compiled["single"]
+
+
+# Compiled programs keyed by (static key, n_max, grad_rows, dataset).
+_PROGRAMS: dict = {}
+
+
+def get_program(cfg: RunConfig, n_max: int | None = None, grad_rows: int | None = None,
+                dataset: data.Dataset | None = None) -> Program:
+    """The (cached) :class:`Program` for ``cfg``'s static part."""
+    ds = dataset if dataset is not None else load_data(cfg)
+    key = (static_key(cfg, pad_workers=True), n_max or cfg.n_workers, grad_rows, id(ds))
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) >= 64:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = Program(cfg, n_max, grad_rows, ds)
+    return _PROGRAMS[key]
+
+
+class Simulation:
+    """One run configuration, ready to run (its compiled program is shared across seeds)."""
+
+    def __init__(self, cfg: RunConfig, dataset: data.Dataset | None = None):
+        self.cfg = cfg = check(cfg)
+        self.program = get_program(cfg, dataset=dataset)
+        self.dataset = self.program.dataset
+        self.n = self.program.n
 
     def run(self, *, progress: bool | Any = True, desc: str | None = None) -> RunResult:
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        carry = self.init()
-        history = [{"step": 0, **self.evaluate(carry)}]
+        cfg, prog = self.cfg, self.program
+        init, chunk, ev = prog.compiled_single()
+        inp = jax.device_put(prog.inputs(cfg))
+        carry = init(inp)
+        evaluate = lambda c: {k: float(v) for k, v in ev(c, prog.test).items()}
+        history = [{"step": 0, **evaluate(carry)}]
         bar = progress if not isinstance(progress, bool) else tqdm(
             total=cfg.steps, desc=desc or cfg.label(), disable=not progress, leave=False, unit="step")
         t_start = time.perf_counter()
@@ -269,18 +439,18 @@ class Simulation:
         while t < cfg.steps:
             length = min(cfg.eval_every, cfg.steps - t)
             tc = time.perf_counter()
-            carry, ms = self._chunk(carry, jnp.asarray(t, jnp.int32), length, self.train, self.run_key)
+            carry, ms = chunk(carry, jnp.asarray(t, jnp.int32), length, inp, prog.train)
             ms = {k: float(v) for k, v in ms.items()}
             if t == 0:
                 compile_s = time.perf_counter() - tc  # first call includes compilation
             t += length
-            history.append({"step": t, **self.evaluate(carry), **ms})
+            history.append({"step": t, **evaluate(carry), **ms})
             bar.update(length)
             bar.set_postfix(acc=f"{history[-1]['test_accuracy']:.3f}")
         if isinstance(progress, bool):
             bar.close()
         wall = time.perf_counter() - t_start
-        return RunResult(cfg, history, self.unravel(carry.params), wall, compile_s)
+        return RunResult(cfg, history, prog.unravel(carry.params), wall, compile_s)
 
 
 def _diagnostics(sent, agg, honest) -> dict[str, jax.Array]:
@@ -293,26 +463,15 @@ def _diagnostics(sent, agg, honest) -> dict[str, jax.Array]:
     """
     w = honest.astype(jnp.float32)
     nh = jnp.sum(w)
-    sq_dev = 0.0
-    mean_sq = 0.0
-    dist_sq = 0.0
-    dot = 0.0
-    agg_sq = 0.0
-    for s, a in zip(jax.tree.leaves(sent), jax.tree.leaves(agg)):
-        s = s.reshape(s.shape[0], -1).astype(jnp.float32)
-        a = a.reshape(-1).astype(jnp.float32)
-        s = jnp.where(honest[:, None], s, 0.0)
-        mu = (w @ s) / nh
-        sq_dev = sq_dev + jnp.sum(w * jnp.sum(jnp.square(s - mu), axis=1)) / nh
-        mean_sq = mean_sq + jnp.sum(mu * mu)
-        dist_sq = dist_sq + jnp.sum(jnp.square(a - mu))
-        dot = dot + jnp.sum(a * mu)
-        agg_sq = agg_sq + jnp.sum(a * a)
-    mean_norm = jnp.sqrt(mean_sq)
+    s = jnp.where(honest[:, None], sent.astype(jnp.float32), 0.0)
+    a = agg.astype(jnp.float32)
+    mu = (w @ s) / nh
+    sq_dev = jnp.sum(w * jnp.sum(jnp.square(s - mu), axis=1)) / nh
+    mean_norm = jnp.sqrt(jnp.sum(mu * mu))
     return {
         "variance_norm_ratio": jnp.sqrt(sq_dev) / jnp.maximum(mean_norm, 1e-30),
-        "agg_distance": jnp.sqrt(dist_sq),
-        "agg_cosine": dot / jnp.maximum(jnp.sqrt(agg_sq) * mean_norm, 1e-30),
+        "agg_distance": jnp.sqrt(jnp.sum(jnp.square(a - mu))),
+        "agg_cosine": jnp.sum(a * mu) / jnp.maximum(jnp.sqrt(jnp.sum(a * a)) * mean_norm, 1e-30),
     }
 
 

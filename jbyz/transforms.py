@@ -17,7 +17,9 @@ Per-step inputs travel as keyword ``extra_args`` (optax's ``GradientTransformati
 
 * ``valid``: ``[n]`` bool, the worker slots taking part this step (default: all);
 * ``f``: the declared number of Byzantine workers (overrides the factory's ``f``);
-* ``key``: a typed PRNG key for this step (default: a key kept in the transform state).
+* ``key``: a typed PRNG key for this step (default: a key kept in the transform state);
+* ``reference``: a server-side reference update (same structure as one worker's update) for
+  rules with ``needs_reference`` (dSTAR's validation gradient).
 
 Every numeric factory argument may be a traced array, so the transforms work under ``jit``,
 ``vmap`` over runs, and ``optax.inject_hyperparams``. :func:`robust_aggregate` returns an
@@ -276,7 +278,8 @@ def robust_aggregate(
             tuple(pre_states), aggregator.init(rows, d), jax.random.key(seed)
         )
 
-    def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, **extra):
+    def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, reference=None,
+                  **extra):
         del params, extra
         x, unravel = stack_to_matrix(updates)
         v = _valid_or_all(valid, num_workers)
@@ -287,7 +290,13 @@ def robust_aggregate(
         for i, (pre, ps) in enumerate(zip(preaggregators, state.pre_states)):
             x, v, f_, ps = pre.apply(x, v, f_, keys[i], ps)
             new_pre.append(ps)
-        out, agg_state = aggregator.apply(x, v, f_, keys[-1], state.agg_state)
+        kw = {}
+        if getattr(aggregator, "needs_reference", False):
+            if reference is None:
+                raise ValueError(f"aggregator {aggregator.name!r} needs a server reference vector: "
+                                 "pass reference=... as an extra argument")
+            kw["reference"] = stack_to_matrix(jax.tree.map(lambda r: r[None], reference))[0][0]
+        out, agg_state = aggregator.apply(x, v, f_, keys[-1], state.agg_state, **kw)
         return unravel(out), RobustAggregateState(tuple(new_pre), agg_state, state_key)
 
     f_default = f

@@ -46,15 +46,19 @@ class Aggregator:
       requirement: ``(n, f) -> None | str``: a message when the rule cannot run with ``n`` valid
         inputs and ``f`` declared Byzantine ones (e.g. Krum needs ``n >= 2f + 3``). Checked on the
         host before any compute.
+      needs_reference: the rule also takes a server-side reference vector ``reference: [d]``
+        (e.g. dSTAR's validation gradient), passed as a keyword to ``apply``; the simulator
+        computes it and :func:`jbyz.transforms.robust_aggregate` forwards it from ``extra_args``.
     """
 
     name: str
     apply: Callable[..., tuple[Array, State]]
     init: Callable[[int, int], State] = _no_state
     requirement: Callable[[int, int], str | None] = _no_requirement
+    needs_reference: bool = False
 
-    def __call__(self, x, valid, f, key, state=()):
-        return self.apply(x, valid, jnp.asarray(f, jnp.int32), key, state)
+    def __call__(self, x, valid, f, key, state=(), **kw):
+        return self.apply(x, valid, jnp.asarray(f, jnp.int32), key, state, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

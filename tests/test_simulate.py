@@ -70,3 +70,30 @@ def test_pipeline_variants_stay_finite_and_learn(changes):
     res = run(cfg, progress=False)
     assert np.isfinite(res.history[-1]["test_loss"])
     assert res.final_accuracy > 0.5, (changes, res.history[-1])
+
+
+def test_first_k_rounds_latency_clock_and_server_reference():
+    cfg = BASE.replace(n_workers=12, f_real=2, steps=20, eval_every=10, attack="alie",
+                       latency="shifted_exponential", latency_kwargs={"shift": 1.0, "scale": 2.0})
+    full = run(cfg, progress=False).history
+    all_k = run(cfg.replace(first_k=12), progress=False).history
+    # waiting for all 12 arrivals is the synchronous round: same training, same clock
+    for a, b in zip(full, all_k):
+        for k in ("test_accuracy", "train_loss", "sim_time"):
+            assert abs(a.get(k, 0) - b.get(k, 0)) < 1e-5 * max(1, abs(a.get(k, 0))), (k, a, b)
+    fast = run(cfg.replace(first_k=6), progress=False).history
+    assert fast[-1]["sim_time"] < 0.8 * full[-1]["sim_time"]
+    assert fast[-1]["round_time"] < full[-1]["round_time"]
+    assert abs(full[-1]["sim_time"] - full[1]["sim_time"] - 10 * full[-1]["round_time"]) < 1e-3 * full[-1]["sim_time"]
+    assert np.isfinite(fast[-1]["test_loss"]) and fast[-1]["test_accuracy"] > 0.5
+
+
+def test_first_k_config_errors():
+    from jbyz.config import validate
+
+    errs = validate(BASE.replace(first_k=5))
+    assert any("latency model" in e for e in errs)
+    errs = validate(BASE.replace(first_k=11, latency="gamma"))
+    assert any("first_k must be" in e for e in errs)
+    errs = validate(BASE.replace(latency="gama"))
+    assert any("gamma" in e for e in errs)

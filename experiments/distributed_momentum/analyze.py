@@ -1,0 +1,142 @@
+"""The paper's headline statistics, computed the paper's way, from the grid's results.
+
+    python experiments/distributed_momentum/analyze.py [runs/distributed_momentum]
+
+Per run the metric is the highest observed test accuracy (every evaluation of the run). For an
+attacked configuration and seed, with ``ref`` the max accuracy of the matching unattacked run
+(same dataset, f, lr, Nesterov and seed; n - f honest workers averaging):
+
+* ``loss = ref - acc_update`` (the attack's cost with momentum at the server, "at update");
+* ``gain = acc_worker - acc_update`` (what moving momentum to the workers recovers).
+
+Writes ``headline.csv``, ``pairs.csv`` and ``boxplot.png`` next to the results, and prints the
+statistics beside the paper's (spec §4(c)).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from jbyz import results
+from jbyz.plots import _mpl, per_run
+
+PAPER = {
+    "attack costs >= 20 points (FC)": "25.80 %",
+    "attack costs >= 20 points (CNN)": "70.80 %",
+    "worker momentum worse than server (pairs)": "4 pairs (0.23 %), all FC / Krum / FoE",
+    "CNN f ~ n/2: worker recovers >= 10 / >= 20 points": "79.75 % / 49.25 %",
+    "CNN f ~ n/4: worker recovers >= 20 points, where the attack costs >= 20": "95.07 %",
+}
+CONFIG = ["dataset", "model", "f_real", "lr", "nesterov", "aggregator", "attack", "seed"]
+
+
+def pairs_table(df: pd.DataFrame) -> pd.DataFrame:
+    runs = per_run(df)
+    runs["attack"] = runs["attack"].astype(str)
+    att = runs[runs["attack"] != "none"]
+    ref = runs[runs["attack"] == "none"].copy()
+    # the unattacked reference of f has n - f honest workers
+    n_full = att.groupby("dataset")["n_workers"].max()
+    ref["f_real"] = ref["dataset"].map(n_full) - ref["n_workers"]
+    ref = ref.set_index(["dataset", "f_real", "lr", "nesterov", "seed"])["best"].rename("ref")
+    up = att[att["momentum_at"] == "server"].set_index(CONFIG)["best"].rename("acc_update")
+    wk = att[att["momentum_at"] == "worker"].set_index(CONFIG)["best"].rename("acc_worker")
+    p = pd.concat([up, wk], axis=1, join="inner").reset_index()
+    p = p.join(ref, on=["dataset", "f_real", "lr", "nesterov", "seed"])
+    p["loss"] = p["ref"] - p["acc_update"]
+    p["gain"] = p["acc_worker"] - p["acc_update"]
+    p["family"] = np.where(p["model"].isin(["mlp"]), "FC", "CNN")
+    n_by_ds = runs.groupby("dataset")["n_workers"].max()
+    p["f_regime"] = np.where(p["f_real"] >= (p["dataset"].map(n_by_ds) - 3) // 2, "f ~ n/2", "f ~ n/4")
+    return p
+
+
+def headline(p: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for fam, g in p.groupby("family"):
+        hurt = g[g["loss"] >= 0.2]
+        rows += [
+            (fam, "all", "pairs (attacked config x seed)", len(g)),
+            (fam, "all", "attack costs >= 20 points at update (share of pairs)", (g["loss"] >= 0.2).mean()),
+            (fam, "all", "worker momentum worse than update (pairs)", int((g["gain"] < 0).sum())),
+            (fam, "all", "worker momentum worse than update (share)", (g["gain"] < 0).mean()),
+            (fam, "all", "worker recovers >= 10 points where attack costs >= 20",
+             (hurt["gain"] >= 0.1).mean() if len(hurt) else np.nan),
+            (fam, "all", "worker recovers >= 20 points where attack costs >= 20",
+             (hurt["gain"] >= 0.2).mean() if len(hurt) else np.nan),
+        ]
+        for reg, h in g.groupby("f_regime"):
+            hh = h[h["loss"] >= 0.2]
+            rows += [
+                (fam, reg, "attack costs >= 20 points at update", (h["loss"] >= 0.2).mean()),
+                (fam, reg, "worker recovers >= 10 points where attack costs >= 20",
+                 (hh["gain"] >= 0.1).mean() if len(hh) else np.nan),
+                (fam, reg, "worker recovers >= 20 points where attack costs >= 20",
+                 (hh["gain"] >= 0.2).mean() if len(hh) else np.nan),
+            ]
+    return pd.DataFrame(rows, columns=["family", "f", "statistic", "value"])
+
+
+def boxplot(df: pd.DataFrame, path: Path) -> None:
+    """Max accuracy per GAR, at update vs at the workers, one panel per (dataset, attack, f)."""
+    plt = _mpl()
+    runs = per_run(df)
+    runs["attack"] = runs["attack"].astype(str)
+    att = runs[runs["attack"] != "none"]
+    ref = runs[runs["attack"] == "none"]
+    panels = att.groupby(["dataset", "attack", "f_real"]).size().index.tolist()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (ds, atk, f) in zip(axes[0], panels):
+        sub = att[(att.dataset == ds) & (att.attack == atk) & (att.f_real == f)]
+        gars = list(dict.fromkeys(sub["aggregator"]))
+        data, pos, colors = [], [], []
+        for i, g in enumerate(gars):
+            for j, (where, c) in enumerate((("server", "tab:orange"), ("worker", "tab:blue"))):
+                data.append(sub[(sub.aggregator == g) & (sub.momentum_at == where)]["best"].to_numpy())
+                pos.append(i * 3 + j)
+                colors.append(c)
+        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showfliers=True)
+        for patch, c in zip(bp["boxes"], colors):
+            patch.set_facecolor(c)
+            patch.set_alpha(0.6)
+        n_full = runs[runs.dataset == ds]["n_workers"].max()
+        r = ref[(ref.dataset == ds) & (ref.n_workers == n_full - f)]["best"]
+        if len(r):
+            ax.axhline(r.median(), color="k", ls="--", lw=0.8)
+        ax.set_xticks([i * 3 + 0.5 for i in range(len(gars))], gars, rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{ds}\n{atk.split(chr(34))[3] if atk.startswith('{') else atk}, f = {f}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("max test accuracy")
+    from matplotlib.patches import Patch
+
+    axes[0][-1].legend([Patch(color="tab:orange", alpha=0.6), Patch(color="tab:blue", alpha=0.6)],
+                       ["momentum at update", "at the workers"], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def main(folder="runs/distributed_momentum"):
+    folder = Path(folder)
+    df = results.load_results(folder)
+    p = pairs_table(df)
+    p.to_csv(folder / "pairs.csv", index=False)
+    h = headline(p)
+    h.to_csv(folder / "headline.csv", index=False)
+    boxplot(df, folder / "boxplot.png")
+    runs = df.groupby("run_id").first()
+    print(f"{len(runs)} runs ({runs['seed'].nunique()} seed(s)); "
+          f"sum of per-run wall time {runs['wall_time_s'].sum() / 60:.1f} min")
+    with pd.option_context("display.width", 160, "display.max_colwidth", 80):
+        print(h.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\npaper:", *(f"  {k}: {v}" for k, v in PAPER.items()), sep="\n")
+    worse = p[p["gain"] < 0].sort_values("gain")
+    print(f"\npairs where worker momentum is worse: {len(worse)}")
+    print(worse[CONFIG + ["acc_update", "acc_worker", "gain"]].head(20).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

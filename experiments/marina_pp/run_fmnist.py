@@ -1,0 +1,187 @@
+"""Experiment (2): the clipping heuristic on a Fashion-MNIST CNN with partial participation.
+
+20 clients (the first 5 Byzantine), an i.i.d. split of the 60k training images, 4 clients
+sampled per round (uniformly, without replacement, so 0-4 of them are Byzantine; 3.2% of the
+rounds have a Byzantine majority). Base method as in the paper's neural-network runs: robust
+worker-momentum SGD (sum form ``m <- 0.9 m + g``, kept by each client and updated when it is
+sampled), aggregator CM or RFA (geometric median) behind bucketing (s = 2), server
+``x <- x - lr g``. With clipping, each sampled client's momentum deviation from the previous
+aggregate is clipped to ``clip_mult * ||g^{k-1}||`` (the reference code's rule) before the
+bucketed aggregation and the previous aggregate is added back
+(:func:`jbyz.algorithms.pp_clipping.clip_deviations`); the first round is not clipped.
+Attacks: bit flipping (-own momentum), label flipping (9 - y), ALIE (z = 0.2533 from
+(n, f) = (20, 5) as the reference code, mu/sigma over the sampled honest clients) and shift-back
+(mult 2); plus a no-attack reference.
+
+Model: ``lenet`` from the registry with channels (16, 32) (conv5x5-16, pool, conv5x5-32, pool,
+FC 512 -> 10), a smaller CNN than the paper's (conv32-conv64-FC9216-128) to fit the CPU budget.
+
+One round is one compiled program per (attack, aggregator), with clipping on/off and the number
+of Byzantine clients as traced arguments (the no-attack reference is the shift-back program with
+f_real = 0), driven by a Python loop: on XLA:CPU the conv gradients ran ~3x slower inside a
+``lax.scan`` body than at top level, and vmap over runs is slower than a loop for convolutions
+(shared/perf-notes.md). Seeds run one after the other.
+
+Run (from the repository root):
+    nice -n 10 python experiments/marina_pp/run_fmnist.py
+Writes experiments/marina_pp/results/fmnist.parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+import pandas as pd
+from jax.flatten_util import ravel_pytree
+
+from jbyz.aggregators import AGGREGATORS
+from jbyz.algorithms.marina import sample_clients, shift_back
+from jbyz.algorithms.pp_clipping import clip_deviations
+from jbyz.attacks import ATTACKS, alie_z
+from jbyz.data import flip_labels, load_dataset, sample_indices, split_workers
+from jbyz.models import build_model, per_worker_grads
+from jbyz.preaggregators import bucketing
+from jbyz.results import run_metadata, write_table
+
+HERE = Path(__file__).resolve().parent
+N, F_REAL, C, BATCH, BETA = 20, 5, 4, 32, 0.9
+
+
+def make_attack(name):
+    if name == "none":
+        return ATTACKS.build("none")
+    if name == "bit_flip":
+        return ATTACKS.build("bit_flip")
+    if name == "label_flip":
+        return ATTACKS.build("label_flip")
+    if name == "alie":
+        return ATTACKS.build("alie", z=alie_z(N, F_REAL))
+    if name == "shift_back":
+        return shift_back(2.0)
+    raise ValueError(name)
+
+
+def build(ds, split, model, attack_name, agg_name, lr, clip_mult, test_x, test_y):
+    """One compiled round per (attack, aggregator); clipping on/off and f_real are traced."""
+    attack = make_attack(attack_name)
+    agg = clip_deviations(AGGREGATORS.build(agg_name), (bucketing(2),), clip_mult=clip_mult)
+    grads_fn = per_worker_grads(
+        model, lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    x0, unravel = ravel_pytree(model.params)
+    d = x0.shape[0]
+    X = jnp.asarray(ds.x_train)
+    Y = jnp.asarray(ds.y_train)
+    idx_table = jnp.asarray(split.indices)
+    sizes = jnp.asarray(split.sizes)
+
+    @jax.jit
+    def one_round(carry, k, run_key, clip, f_real):
+        x, mom, agg_state = carry
+        kk = jax.random.fold_in(run_key, k)
+        clients = sample_clients(jax.random.fold_in(kk, 0), N, C)
+        byz = clients < f_real
+        bkeys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(kk, 1), c))(clients)
+        idx = jax.vmap(sample_indices, in_axes=(0, 0, 0, None))(
+            bkeys, idx_table[clients], sizes[clients], BATCH)
+        yb = Y[idx]
+        if attack.flips_labels:
+            yb = jnp.where(byz[:, None], flip_labels(yb, 10), yb)
+        g, _ = grads_fn(unravel(x), model.state, X[idx], yb, bkeys)
+        g = jax.vmap(lambda t: ravel_pytree(t)[0])(g)
+        m_new = BETA * mom[clients] + g  # sum-form worker momentum (first buffer = first grad)
+        mom = mom.at[clients].set(m_new)
+        ctx = {"params": x, "x0": x0, "lr": lr, "f": 0, "step": k}
+        msgs, _ = attack.apply(m_new, ~byz, byz, jax.random.fold_in(kk, 2), (), ctx)
+        # first round: no previous aggregate, no clipping; clip=False: plain bucketed rule
+        do_clip = clip & agg_state.started
+        out, agg_state = agg.apply(msgs, jnp.ones((C,), bool), jnp.int32(0),
+                                   jax.random.fold_in(kk, 3), agg_state, clip=do_clip)
+        x = x - lr * out
+        return (x, mom, agg_state), 2 * jnp.sum(byz) > C
+
+    @jax.jit
+    def evaluate(x):
+        logits = model.predict(unravel(x), model.state, test_x, chunk_size=1000)
+        acc = jnp.mean(jnp.argmax(logits, -1) == test_y)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, test_y).mean()
+        return acc, loss
+
+    def run(seed, clip, f_real, steps, eval_every):
+        # A Python loop over a jitted round: on XLA:CPU a conv gradient inside lax.scan ran
+        # ~3x slower than at top level here (124 vs 44 ms per round).
+        run_key = jax.random.key(seed)
+        carry = (x0, jnp.zeros((N, d), jnp.float32), agg.init(C, d))
+        acc, loss = evaluate(x0)
+        rows = [(0, float(acc), float(loss), 0)]
+        majority = 0
+        clip_, f_ = jnp.asarray(clip), jnp.int32(f_real)
+        for k in range(steps):
+            carry, maj = one_round(carry, jnp.int32(k), run_key, clip_, f_)
+            majority += int(maj)
+            if (k + 1) % eval_every == 0:
+                acc, loss = evaluate(carry[0])
+                rows.append((k + 1, float(acc), float(loss), majority))
+        return rows
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--clip-mult", type=float, default=1.0)
+    ap.add_argument("--test-size", type=int, default=2000)
+    ap.add_argument("--attacks", default="none,bit_flip,label_flip,alie,shift_back")
+    ap.add_argument("--aggregators", default="median,geometric_median")
+    ap.add_argument("--out", default=str(HERE / "results" / "fmnist.parquet"))
+    args = ap.parse_args()
+
+    ds = load_dataset("fashion_mnist", limit_test=args.test_size)
+    split = split_workers(ds.y_train, N, "iid", seed=0)
+    model = build_model("lenet", ds.input_shape, 10, key=jax.random.key(0), channels=(16, 32))
+    test_x, test_y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    print(f"{ds}; lenet(16, 32) with {model.num_params} parameters")
+    rows = []
+    t_all = time.time()
+    attacks = args.attacks.split(",")
+    for attack_name, agg_name in itertools.product(
+            [a for a in attacks if a != "none"] or ["shift_back"], args.aggregators.split(",")):
+        run = build(ds, split, model, attack_name, agg_name, args.lr, args.clip_mult,
+                    test_x, test_y)
+        cases = [(attack_name, clip, F_REAL) for clip in (True, False)]
+        if "none" in attacks and attack_name == "shift_back":  # the no-attack reference
+            cases += [("none", clip, 0) for clip in (True, False)]
+        for name, clip, f_real in cases:
+            if name not in attacks:
+                continue
+            for seed in range(args.seeds):
+                t = time.time()
+                res = run(seed, clip, f_real, args.steps, args.eval_every)
+                for step, acc, loss, maj in res:
+                    rows.append(dict(attack=name, aggregator=agg_name, clipping=clip,
+                                     seed=seed, step=step, test_accuracy=acc, test_loss=loss,
+                                     byz_majority_rounds=maj))
+                print(f"{name:10s} {agg_name:16s} clip={clip!s:5s} seed {seed}: "
+                      f"acc {res[-1][1]:.4f} (max {max(r[1] for r in res):.4f}), "
+                      f"majority rounds {res[-1][3]}, {time.time() - t:.0f} s", flush=True)
+    print(f"total {time.time() - t_all:.0f} s")
+    df = pd.DataFrame(rows)
+    for k, v in dict(n_clients=N, f_real=F_REAL, clients_per_round=C, batch_size=BATCH,
+                     momentum=BETA, lr=args.lr, clip_mult=args.clip_mult, model="lenet(16,32)",
+                     dataset="fashion_mnist", test_size=args.test_size).items():
+        df[k] = v
+    write_table(df, args.out, {**run_metadata(), "steps": str(args.steps)})
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
