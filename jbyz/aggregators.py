@@ -910,3 +910,23 @@ __all__ = [
     "centered_clip",
     "mda",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# dSTAR (registered as "dstar"; the rule lives in jbyz/algorithms/dstar.py, which registers it
+# with the description "dSTAR filter (reconstruction): mean of the k - f first-k responders
+# closest to an ensemble median of the responders and the server's validation gradient." and the
+# reference "Yan, Chaudhari, Kleinrock, arXiv:2412.07151, 2024 (reconstruction, spec §3(b))").
+# Importing it here makes the registry complete whichever module is imported first.
+
+import importlib as _importlib  # noqa: E402
+
+_importlib.import_module("jbyz.algorithms.dstar")  # registers "dstar"
+
+
+def __getattr__(name):  # ``jbyz.aggregators.dstar`` without a circular import at load time
+    if name == "dstar":
+        from jbyz.algorithms.dstar import dstar
+
+        return dstar
+    raise AttributeError(f"module 'jbyz.aggregators' has no attribute {name!r}")

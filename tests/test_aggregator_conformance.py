@@ -43,7 +43,14 @@ ARRAY_HP = {
     "centered_clip": ("tau", [0.1, 1.0, 0.3]),
 }
 # Rules that equal the mean of the valid rows when f = 0.
-MEAN_AT_F0 = {"mean", "trimmed_mean", "meamed", "phocas", "bulyan", "mda"}
+MEAN_AT_F0 = {"mean", "trimmed_mean", "meamed", "phocas", "bulyan", "mda", "dstar"}
+# The server-side reference vector (e.g. dSTAR's validation gradient) passed to the rules with
+# ``needs_reference``: a fixed vector, so every invariance below must hold with it.
+REFERENCE = np.random.default_rng(99).normal(size=D).astype(np.float32)
+
+
+def reference_kw(agg):
+    return {"reference": jnp.asarray(REFERENCE)} if agg.needs_reference else {}
 
 
 def test_registry_is_covered():
@@ -68,7 +75,7 @@ def compiled(name, array_hp=False):
 
     def fn(x, valid, f, hp, state):
         agg = AGGREGATORS.build(name, **({kw: hp} if kw else {}))
-        return agg.apply(x, valid, f, KEY, state)
+        return agg.apply(x, valid, f, KEY, state, **reference_kw(agg))
 
     return jax.jit(fn)
 
@@ -83,7 +90,7 @@ def call(name, x, valid=None, f=1, hp=None, state=None):
         state = agg.init(n, d)
     if hp is None or name not in ARRAY_HP:
         # Factories are memoised, so this jit shares its compiled programs with the other files.
-        return jax.jit(agg.apply)(x, valid, jnp.int32(f), KEY, state)
+        return jax.jit(agg.apply)(x, valid, jnp.int32(f), KEY, state, **reference_kw(agg))
     return compiled(name, array_hp=True)(x, valid, jnp.int32(f), hp, state)
 
 
@@ -146,7 +153,9 @@ def test_jit_equals_eager(name):
     jitted, st_j = call(name, x, valid, f=f)
     agg = AGGREGATORS.build(name)
     # Eager = op-by-op dispatch (no outer jit; fori_loop bodies and jax.random stay compiled).
-    eager, st_e = agg.apply(jnp.asarray(x), jnp.asarray(valid), jnp.int32(f), KEY, agg.init(N, D))
+    eager, st_e = agg.apply(
+        jnp.asarray(x), jnp.asarray(valid), jnp.int32(f), KEY, agg.init(N, D), **reference_kw(agg)
+    )
     chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(st_j, st_e, rtol=1e-5, atol=1e-6)
 
