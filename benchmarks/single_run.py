@@ -11,7 +11,8 @@ interleaved (floor, rule, floor, rule ...) so machine noise hits both alike.
     python benchmarks/single_run.py --quick         # fewer rules, fewer repeats
     python benchmarks/single_run.py --model lenet   # the small CNN
 
-Writes benchmarks/results/single_run.json.
+Writes benchmarks/results/single_run.json (``--quick``: single_run_quick.json).
+Uses the simulator's current API: ``get_program(cfg)`` -> ``Program.init`` / ``Program.chunk``.
 """
 
 from __future__ import annotations
@@ -19,72 +20,50 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jbyz import data, models
-from jbyz.config import RunConfig
-from jbyz.simulate import Simulation
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _bench import floor_chunk, load  # noqa: E402
+from jbyz import data  # noqa: E402
+from jbyz.config import RunConfig, check, validate  # noqa: E402
+from jbyz.simulate import get_program  # noqa: E402
 
 RULES = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
          "centered_clip", "meamed", "phocas", "bulyan"]
 
 
-def floor_fn(sim: Simulation, steps: int):
+def floor_fn(prog, cfg: RunConfig, steps: int):
     """The bare cost: the honest workers' gradients + mean + SGD, as one scan.
 
-    Same parameter representation (one flat vector) and the same per-worker gradient
-    formulation as the simulator, so the ratio isolates the robust machinery.
+    Same parameter representation (one flat vector), batch sampling keys and per-worker gradient
+    formulation as the simulator (``_bench.floor_chunk``), so the ratio isolates the robust
+    machinery.
     """
-    cfg, n = sim.cfg, sim.n
-    first = cfg.f_real
-    loss = sim._loss
-
-    def body(carry, t):
-        params, mstate = carry
-        step_key = jax.random.fold_in(jax.random.key(cfg.seed), t)
-        wk = jax.vmap(lambda w: jax.random.fold_in(step_key, w))(jnp.arange(first, n))
-        idx = jax.vmap(data.sample_indices, in_axes=(0, 0, 0, None))(
-            wk, sim.train.indices[first:], sim.train.sizes[first:], cfg.batch_size)
-        (l, ms), g = models.map_workers(jax.value_and_grad(loss, has_aux=True), sim.grad_method)(
-            params, mstate, sim.train.x[idx], sim.train.y[idx], wk)
-        w = jnp.full((n - first,), 1.0 / (n - first))
-        g = jax.tree.map(lambda a: jnp.tensordot(w, a, axes=1), g)
-        params = params - cfg.lr * g
-        return (params, mstate), jnp.mean(l)
-
-    @jax.jit
-    def run(params, mstate):
-        (p, _), ls = jax.lax.scan(body, (params, mstate), jnp.arange(steps))
-        return p, ls
-
-    return lambda: jax.block_until_ready(run(sim.flat_params, sim.model.state))
+    inp = jax.device_put(prog.inputs(cfg))
+    run = jax.jit(floor_chunk(prog, steps)).lower(inp.params0, inp, prog.train).compile()
+    return lambda: jax.block_until_ready(run(inp.params0, inp, prog.train))
 
 
-def jbyz_fn(sim: Simulation, steps: int):
+def jbyz_fn(prog, cfg: RunConfig, steps: int):
+    """One run of the full pipeline: ``Program.init`` then one ``Program.chunk`` of ``steps``."""
+    init, _, _ = prog.compiled_single()
+    inp = jax.device_put(prog.inputs(cfg))
+    chunk = jax.jit(prog.chunk, static_argnums=(2,), donate_argnums=(0,)).lower(
+        init(inp), jnp.int32(0), steps, inp, prog.train).compile()
+
     def go():
-        carry = sim.init()
-        carry, ms = sim._chunk(carry, jnp.asarray(0, jnp.int32), steps, sim.train, sim.run_key)
+        carry, _ = chunk(init(inp), jnp.int32(0), inp, prog.train)
         return jax.block_until_ready(carry.params)
 
     return go
-
-
-def timeit(fn, repeats):
-    t0 = time.perf_counter()
-    fn()  # compile + warm
-    compile_s = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return compile_s, ts
 
 
 def main(argv=None):
@@ -100,35 +79,44 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rules = args.rules or (["mean", "median", "trimmed_mean", "krum"] if args.quick else RULES)
     repeats = 2 if args.quick else args.repeats
+    if args.quick:
+        args.steps = min(args.steps, 50)
+        args.n = args.n if args.n != [10, 51] else [10]
     ds = data.load_dataset(args.dataset)
     rows = []
     for n in args.n:
         f = 3 if n == 10 else (n - 3) // 4  # n=51: f=12 keeps every rule (Bulyan) valid
         print(f"\n== {args.dataset} {args.model}, n={n}, f={f}, batch 32, ALIE, worker momentum 0.9, {args.steps} steps")
-        print(f"{'rule':<18}{'steps/s':>10}{'floor steps/s':>15}{'ratio':>8}{'compile s':>11}")
+        print(f"{'rule':<18}{'steps/s':>10}{'floor steps/s':>15}{'ratio':>8}{'compile s':>11}{'load':>6}")
         for rule in rules:
             cfg = RunConfig(dataset=args.dataset, model=args.model, n_workers=n, f_real=f, batch_size=32,
                             steps=args.steps, lr=0.1, momentum=0.9, momentum_form="ema",
                             aggregator=rule, attack="alie", eval_every=args.steps, diagnostics=False)
-            from jbyz.config import validate
             if validate(cfg):
                 print(f"{rule:<18} skipped: {validate(cfg)[0]}")
                 continue
-            sim = Simulation(cfg, ds)
-            fl, jb = floor_fn(sim, args.steps), jbyz_fn(sim, args.steps)
-            fl_c, _ = timeit(fl, 0)
-            jb_c, _ = timeit(jb, 0)
-            fl_t, jb_t = [], []
+            cfg = check(cfg)
+            prog = get_program(cfg, dataset=ds)
+            t = time.perf_counter()
+            fl = floor_fn(prog, cfg, args.steps)
+            t1 = time.perf_counter()
+            jb = jbyz_fn(prog, cfg, args.steps)
+            jb_c = time.perf_counter() - t1
+            fl(), jb()  # warm (allocations)
+            fl_t, jb_t, loads = [], [], []
             for _ in range(repeats):  # interleaved
+                l0 = load()
                 t = time.perf_counter(); fl(); fl_t.append(time.perf_counter() - t)
                 t = time.perf_counter(); jb(); jb_t.append(time.perf_counter() - t)
+                loads.append(max(l0, load()))
             fl_s, jb_s = float(np.median(fl_t)), float(np.median(jb_t))
             ratio = jb_s / fl_s
-            print(f"{rule:<18}{args.steps / jb_s:>10.0f}{args.steps / fl_s:>15.0f}{ratio:>8.2f}{jb_c:>11.1f}")
+            print(f"{rule:<18}{args.steps / jb_s:>10.0f}{args.steps / fl_s:>15.0f}{ratio:>8.2f}{jb_c:>11.1f}"
+                  f"{float(np.median(loads)):>6.1f}")
             rows.append(dict(n=n, f=f, rule=rule, jbyz_steps_per_s=args.steps / jb_s,
                              floor_steps_per_s=args.steps / fl_s, ratio_to_floor=ratio,
-                             compile_s=jb_c, repeats=repeats))
-    out = Path(args.out)
+                             compile_s=jb_c, repeats=repeats, load=loads))
+    out = Path(args.out if not args.quick else Path(args.out).with_name("single_run_quick.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(dataset=args.dataset, model=args.model, steps=args.steps, jax=jax.__version__,
                 device=str(jax.devices()[0]), machine=platform.processor() or platform.machine())

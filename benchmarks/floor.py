@@ -1,0 +1,124 @@
+"""A grid's throughput against the bare cost of the same gradients (the floor), side by side.
+
+Workload: ``_bench.workload("mlp")`` (Fashion-MNIST, MLP 784-100-10, n = 10, f = 3, batch 32,
+ALIE, worker momentum 0.9) for each aggregator. For a grid of R seeds, jbyz's real grid path
+(``jbyz.grid.BatchRunner``: ``Program.chunk`` over runs, ``vmap`` or ``lax.map`` by
+``--width``) is timed against the *floor*: the same runs, mapped over runs the same way, doing only
+what no Byzantine-robust simulation can avoid (sample the honest workers' batches with the same
+keys, their per-worker gradients with the same flat parameters and ``grad_method``, the mean, an
+SGD step; ``_bench.floor_chunk``). Interleaved, median of ``--repeats``; load average recorded.
+Also prints the GFLOP/s of each (gradient flops only, 0.32 MFLOP a sample) and the floor's
+fraction of the CPU's ~200 GFLOP/s fp32 peak.
+
+    python benchmarks/floor.py --quick
+    python benchmarks/floor.py --R 1 8 --rules mean median trimmed_mean krum --width 1
+    python benchmarks/floor.py --R 64 --rules median --width 1 --steps 30
+
+Writes ``benchmarks/results/floor.json`` (merged by key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _bench import (RESULTS, floor_chunk, interleaved, load, meta, mlp_flop_per_step,  # noqa: E402
+                    over_runs, workload, write_json)
+
+PEAK_GFLOPS = 200.0
+
+
+def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp"):
+    import jax
+    import jax.numpy as jnp
+
+    from jbyz.grid import BatchRunner, GridOptions, _stack
+    from jbyz.simulate import get_program
+
+    cfgs = [workload(wl, seed=s, steps=steps, aggregator=rule) for s in range(R)]
+    prog = get_program(cfgs[0], dataset=ds)
+    w = max(prog.split_width(c) for c in cfgs)
+    inp = jax.tree.map(jnp.asarray, _stack([prog.inputs(c, w) for c in cfgs]))
+    runner = BatchRunner(prog, R, GridOptions(vmap_width=width), 1)
+    ini = runner.init_fn()
+    t = time.perf_counter()
+    fn = runner.chunk_fn(steps, (ini(inp), jnp.int32(0), inp, prog.train))
+    c_jbyz = time.perf_counter() - t
+
+    def jb():
+        c, _ = fn(ini(inp), jnp.int32(0), inp, prog.train)
+        jax.block_until_ready(c.params)
+
+    fc = floor_chunk(prog, steps)
+    train = prog.train
+    fl_fn = jax.jit(over_runs(lambda p, i: fc(p, i, train), R, width))
+    t = time.perf_counter()
+    fl_c = fl_fn.lower(inp.params0, inp).compile()
+    c_floor = time.perf_counter() - t
+
+    def fl():
+        jax.block_until_ready(fl_c(inp.params0, inp))
+
+    return jb, fl, dict(compile_jbyz_s=c_jbyz, compile_floor_s=c_floor, width=runner.width)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rules", nargs="*", default=["mean", "median", "trimmed_mean", "krum"])
+    ap.add_argument("--R", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--width", type=int, default=None, help="vmap width (default: R, i.e. vmap)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--key", default=None)
+    ap.add_argument("--out", default=str(RESULTS / "floor.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rules, args.R, args.steps, args.repeats = ["median"], [4], 10, 2
+
+    from jbyz import data
+
+    ds = data.load_dataset("fashion_mnist")
+    flop = mlp_flop_per_step(10, 3, 32)
+    rows = []
+    print(f"{'rule':<14}{'R':>4}{'width':>6}{'jbyz run-steps/s':>18}{'floor':>9}{'ratio':>7}"
+          f"{'jbyz GFLOP/s':>14}{'floor GFLOP/s':>15}{'floor %peak':>12}{'CPU ratio':>10}{'load':>6}", flush=True)
+    for R in args.R:
+        width = args.width or R
+        for rule in args.rules:
+            jb, fl, info = build(rule, R, width, args.steps, ds)
+            res = interleaved({"floor": fl, "jbyz": jb}, args.repeats)
+            f_rs = R * args.steps / res["floor"]["median_s"]
+            j_rs = R * args.steps / res["jbyz"]["median_s"]
+            row = dict(rule=rule, R=R, steps=args.steps,
+                       jbyz_run_steps_per_s=j_rs, floor_run_steps_per_s=f_rs, ratio=f_rs / j_rs,
+                       jbyz_gflops=j_rs * flop / 1e9, floor_gflops=f_rs * flop / 1e9,
+                       floor_fraction_of_peak=f_rs * flop / 1e9 / PEAK_GFLOPS,
+                       jbyz_cpu_ms_per_run_step=1e3 * res["jbyz"]["median_cpu_s"] / (R * args.steps),
+                       floor_cpu_ms_per_run_step=1e3 * res["floor"]["median_cpu_s"] / (R * args.steps),
+                       cpu_ratio=res["jbyz"]["median_cpu_s"] / res["floor"]["median_cpu_s"],
+                       times_s={k: v["times_s"] for k, v in res.items()},
+                       cpu_s={k: v["cpu_s"] for k, v in res.items()},
+                       load=res["jbyz"]["load"] + res["floor"]["load"], **info)
+            rows.append(row)
+            print(f"{rule:<14}{R:>4}{info['width']:>6}{j_rs:>18.1f}{f_rs:>9.1f}{f_rs / j_rs:>7.2f}"
+                  f"{j_rs * flop / 1e9:>14.2f}{f_rs * flop / 1e9:>15.2f}"
+                  f"{100 * f_rs * flop / 1e9 / PEAK_GFLOPS:>11.1f}%{row['cpu_ratio']:>10.2f}{load():>6.1f}",
+                  flush=True)
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    key = args.key or ("quick" if args.quick else f"R{'-'.join(map(str, args.R))}:w{args.width or 'R'}")
+    old[key] = dict(meta=meta(), flop_per_step=flop, rows=rows)
+    write_json(out, old)
+    print(f"wrote {out} [{key}]")
+
+
+if __name__ == "__main__":
+    main()
