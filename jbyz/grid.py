@@ -425,7 +425,7 @@ def _rows_to_frame(batch: Batch, rows: list[dict], meta: dict):
 
 def _finished(parts_dir: Path, meta: dict) -> dict[str, Path]:
     """Batch ids with a part file; refuses parts written by another jbyz version."""
-    done = {}
+    done, changed = {}, set()
     if not parts_dir.exists():
         return done
     for p in sorted(parts_dir.glob("*.parquet")):
@@ -435,7 +435,17 @@ def _finished(parts_dir: Path, meta: dict) -> dict[str, Path]:
                 f"{p} was written by jbyz {m.get('jbyz_version')!r}, this is jbyz "
                 f"{meta['jbyz_version']!r}: results of different versions are never mixed. "
                 f"Use another output directory, or delete {parts_dir} to recompute.")
+        if m.get("jbyz_source") != meta.get("jbyz_source"):
+            changed.add(m.get("jbyz_source"))
         done[p.stem] = p
+    if changed:
+        import warnings
+
+        warnings.warn(
+            f"{len(changed)} earlier source version(s) of jbyz {meta['jbyz_version']} wrote finished "
+            f"batches in {parts_dir} (source fingerprints {sorted(map(str, changed))}, now "
+            f"{meta.get('jbyz_source')}); they are reused. Delete them to recompute with this code.",
+            stacklevel=3)
     return done
 
 

@@ -27,10 +27,23 @@ def run_metadata() -> dict[str, str]:
     dev = jax.devices()[0]
     return {
         "jbyz_version": __version__,
+        "jbyz_source": source_fingerprint(),
         "jax_version": jax.__version__,
         "device_kind": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
         "python_version": platform.python_version(),
     }
+
+
+def source_fingerprint() -> str:
+    """A hash of jbyz's own source files: tells results of edited code apart within a version."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _flatten_cell(v):

@@ -294,3 +294,26 @@ def test_config_errors():
         AsyncSimulation(_cfg(advance_rule="sometimes"), DS)
     with pytest.raises(ConfigError, match="latency"):
         AsyncSimulation(_cfg(latency="gama"), DS)
+
+
+def test_async_runs_shard_over_eight_devices_like_one():
+    """The vmapped runs axis sharded over 8 (fake CPU) devices gives the single-device results."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, jax\n"
+        "from jbyz.algorithms.async_sgd import AsyncConfig, AsyncSimulation\n"
+        "cfg = AsyncConfig(method='ormo', n_workers=4, dataset='digits', model='mlp', batch_size=16,"
+        " epochs=0.2, eval_every=20, lr=0.02)\n"
+        "res = AsyncSimulation(cfg).run([{'seed': s} for s in range(3)], devices=DEV)\n"
+        "print(json.dumps([[h['test_accuracy'], h['train_loss']] for r in res for h in r.history[1:]]))\n"
+    )
+    outs = []
+    for dev, env in ((1, {}), (8, {"JAX_NUM_CPU_DEVICES": "8"})):
+        p = subprocess.run([sys.executable, "-c", script.replace("DEV", str(dev))], capture_output=True,
+                           text=True, env={**os.environ, **env}, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs.append(np.array(__import__("json").loads(p.stdout.strip().splitlines()[-1])))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)

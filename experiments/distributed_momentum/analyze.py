@@ -9,8 +9,9 @@ attacked configuration and seed, with ``ref`` the max accuracy of the matching u
 * ``loss = ref - acc_update`` (the attack's cost with momentum at the server, "at update");
 * ``gain = acc_worker - acc_update`` (what moving momentum to the workers recovers).
 
-Writes ``headline.csv``, ``pairs.csv`` and ``boxplot.png`` next to the results, and prints the
-statistics beside the paper's (spec §4(c)).
+Writes ``results/runs.csv`` (one row per run), ``results/headline.csv``, ``results/pairs.csv``
+and ``results/boxplot.png`` in this folder, and prints the statistics beside the paper's
+(spec §4(c)).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def pairs_table(df: pd.DataFrame) -> pd.DataFrame:
     ref = runs[runs["attack"] == "none"].copy()
     # the unattacked reference of f has n - f honest workers
     n_full = att.groupby("dataset")["n_workers"].max()
-    ref["f_real"] = ref["dataset"].map(n_full) - ref["n_workers"]
+    ref["f_real"] = ref["dataset"].map(n_full).astype(float) - ref["n_workers"].astype(float)
+    ref["f_real"] = ref["f_real"].astype("Int64")
     ref = ref.set_index(["dataset", "f_real", "lr", "nesterov", "seed"])["best"].rename("ref")
     up = att[att["momentum_at"] == "server"].set_index(CONFIG)["best"].rename("acc_update")
     wk = att[att["momentum_at"] == "worker"].set_index(CONFIG)["best"].rename("acc_worker")
@@ -58,6 +60,7 @@ def pairs_table(df: pd.DataFrame) -> pd.DataFrame:
 def headline(p: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for fam, g in p.groupby("family"):
+        g = g[g["ref"].notna()]  # pairs whose unattacked reference has run
         hurt = g[g["loss"] >= 0.2]
         rows += [
             (fam, "all", "pairs (attacked config x seed)", len(g)),
@@ -119,23 +122,38 @@ def boxplot(df: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=150)
 
 
-def main(folder="runs/distributed_momentum"):
+def runs_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: the grid's fields, ``best`` / ``final`` accuracy, mean variance-norm ratio."""
+    runs = per_run(df)
+    vnr = df[df["step"] > 0].groupby("run_id")["variance_norm_ratio"].mean().rename("mean_vnr")
+    runs = runs.join(vnr, on="run_id")
+    keep = ["run_id", "dataset", "model", "n_workers", "f_real", "lr", "nesterov", "momentum_at",
+            "aggregator", "attack", "seed", "best", "final", "mean_vnr", "wall_time_s"]
+    return runs[keep]
+
+
+def main(folder="runs/distributed_momentum", dest=None):
     folder = Path(folder)
+    dest = Path(dest) if dest else Path(__file__).resolve().parent / "results"
+    dest.mkdir(parents=True, exist_ok=True)
     df = results.load_results(folder)
+    runs = runs_table(df)
+    runs.to_csv(dest / "runs.csv", index=False)
     p = pairs_table(df)
-    p.to_csv(folder / "pairs.csv", index=False)
+    p.to_csv(dest / "pairs.csv", index=False)
     h = headline(p)
-    h.to_csv(folder / "headline.csv", index=False)
-    boxplot(df, folder / "boxplot.png")
-    runs = df.groupby("run_id").first()
+    h.to_csv(dest / "headline.csv", index=False)
+    boxplot(df, dest / "boxplot.png")
     print(f"{len(runs)} runs ({runs['seed'].nunique()} seed(s)); "
-          f"sum of per-run wall time {runs['wall_time_s'].sum() / 60:.1f} min")
+          f"sum of per-run wall time (compilation excluded) {runs['wall_time_s'].sum() / 60:.1f} min")
     with pd.option_context("display.width", 160, "display.max_colwidth", 80):
         print(h.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\npaper:", *(f"  {k}: {v}" for k, v in PAPER.items()), sep="\n")
     worse = p[p["gain"] < 0].sort_values("gain")
     print(f"\npairs where worker momentum is worse: {len(worse)}")
     print(worse[CONFIG + ["acc_update", "acc_worker", "gain"]].head(20).to_string(index=False))
+    lr_vnr = runs[runs["attack"] != "none"].groupby(["lr", "momentum_at"])["mean_vnr"].median()
+    print("\nmedian over runs of the mean variance-norm ratio:\n" + lr_vnr.to_string())
 
 
 if __name__ == "__main__":

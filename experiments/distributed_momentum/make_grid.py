@@ -43,6 +43,11 @@ diagnostics = true
 [sweep]
 seed = [1, 2, 3, 4, 5]
 nesterov = [false, true]
+
+[execution]
+# f = 24 and f = 12 compile separately, so runs with 24 Byzantine workers compute 27 honest
+# gradients per step instead of 39 (one shared program would compute n - min f rows).
+group_by = ["f_real"]
 '''
 
 

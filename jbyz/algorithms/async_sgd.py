@@ -560,12 +560,24 @@ class AsyncSimulation:
         losses, corrects = jax.lax.map(one, (shape(xp), shape(yp), shape(m)))
         return {"test_loss": jnp.sum(losses) / N, "test_accuracy": jnp.sum(corrects) / N}
 
-    def _programs(self, vmapped: bool):
-        key = (self._sig, vmapped)
+    def _programs(self, vmapped: bool, ndev: int = 1):
+        key = (self._sig, vmapped, ndev)
         if key not in _PROGRAMS:
             chunk = self._chunk_impl
             if vmapped:
                 chunk = jax.vmap(chunk, in_axes=(0, None, None, 0, 0))
+            if vmapped and ndev > 1:
+                # The runs axis sharded over a device mesh, as a synchronous grid (jbyz.grid).
+                from jax.sharding import PartitionSpec as P
+
+                mesh = jax.sharding.Mesh(np.array(jax.devices()[:ndev]), ("runs",))
+                vchunk = chunk
+
+                def chunk(carry, length, train, run_key, dyn):
+                    f = lambda c, tr, k, d: vchunk(c, length, tr, k, d)
+                    return jax.shard_map(
+                        f, mesh=mesh, in_specs=(P("runs"), P(), P("runs"), P("runs")),
+                        out_specs=(P("runs"), P("runs")), check_vma=False)(carry, train, run_key, dyn)
             _PROGRAMS[key] = jax.jit(chunk, static_argnums=(1,), donate_argnums=(0,))
         # Evaluation depends only on the model and the data: shared across methods.
         cfg = self.cfg
@@ -580,10 +592,12 @@ class AsyncSimulation:
 
     # ------------------------------------------------------------------ host loop
     def run(self, points: list[dict] | None = None, *, progress: bool = False,
-            vmap: bool | None = None) -> list[AsyncResult]:
+            vmap: bool | None = None, devices: int | None = None) -> list[AsyncResult]:
         """Runs one or several points ``{"seed", "lr", "momentum"}`` (missing keys: the config's).
 
-        Several points are vmapped into one program (``vmap=False`` runs them one after another).
+        Several points are vmapped into one program (``vmap=False`` runs them one after another);
+        the vmapped runs axis is sharded over ``devices`` devices (default: all of them) with
+        :func:`jax.shard_map`, padding the points to a multiple of the device count.
         Returns one :class:`AsyncResult` per point; ``AsyncResult.history`` has a row per
         evaluation with ``arrivals, epoch, wall_clock, iteration, test_loss, test_accuracy,
         train_loss, staleness, staleness_arrivals`` (the last three averaged over the chunk).
@@ -601,13 +615,17 @@ class AsyncSimulation:
             for p in points:
                 out.extend(self._run_group([p], vmapped=False, progress=progress))
             return out
-        return self._run_group(points, vmapped=True, progress=progress)
+        ndev = min(devices or jax.device_count(), jax.device_count())
+        n_real = len(points)
+        if ndev > 1:
+            points = points + [points[-1]] * ((-len(points)) % ndev)  # padding runs, discarded
+        return self._run_group(points, vmapped=True, progress=progress, ndev=ndev)[:n_real]
 
-    def _run_group(self, points, *, vmapped: bool, progress: bool):
+    def _run_group(self, points, *, vmapped: bool, progress: bool, ndev: int = 1):
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        chunk_fn, eval_fn = self._programs(vmapped)
+        chunk_fn, eval_fn = self._programs(vmapped, ndev if vmapped else 1)
         carries = [self.init(int(p["seed"])) for p in points]
         keys = [jax.random.key(int(p["seed"])) for p in points]
         dyns = [{"lr": jnp.float32(p["lr"]), "momentum": jnp.float32(p["momentum"])} for p in points]
