@@ -169,6 +169,8 @@ _COMPONENTS = ("dataset", "model", "aggregator", "attack", "latency")
 
 
 def _norm_pre(pre) -> tuple[tuple[str, dict], ...]:
+    if isinstance(pre, (str, Mapping)):  # one pre-aggregator given on its own
+        pre = (pre,)
     out = []
     for p in pre:
         if isinstance(p, str):

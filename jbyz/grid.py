@@ -371,8 +371,9 @@ def run_batch(program, batch: Batch, options: GridOptions, ndev: int, *, bar=Non
     per_run = [program.inputs(c, width) for c in configs]
     per_run += [per_run[-1]] * (runner.r_pad - R)  # padding runs: copies, discarded
     inputs = _put(_stack(per_run), runner, True)
-    train = _put(program.train, runner, False)
-    test = _put(program.test, runner, False)
+    if not hasattr(runner, "data"):  # placed once per runner (replicated over the mesh)
+        runner.data = (_put(program.train, runner, False), _put(program.test, runner, False))
+    train, test = runner.data
     carry = runner.init_fn()(inputs)
     ev = runner.eval_fn()
     cfg0 = configs[0]

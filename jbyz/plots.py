@@ -134,7 +134,7 @@ def heatmap(
     """
     plt = _mpl()
     runs = per_run(df, metric)
-    cols = [None] if col is None else list(dict.fromkeys(runs[col]))
+    cols = [None] if col is None else sorted(runs[col].dropna().unique(), key=str)
     xs = sorted(runs[x].dropna().unique())
     ys = sorted(runs[y].dropna().unique())
     fig, axes = plt.subplots(1, len(cols), figsize=(0.9 * len(xs) * len(cols) + 2.2, 0.55 * len(ys) + 1.8),
@@ -158,7 +158,7 @@ def heatmap(
         ax.set_title(f"{col} = {c}" if c is not None else (title or ""), fontsize=10)
     fig.colorbar(im, ax=axes[0].tolist(), label=f"{stat} {metric.replace('_', ' ')}")
     if title and cols != [None]:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(title, fontsize=11, y=1.04)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")

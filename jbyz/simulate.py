@@ -119,6 +119,21 @@ def load_data(cfg: RunConfig) -> data.Dataset:
     return _load_cached(cfg.dataset, tuple(sorted(cfg.dataset_kwargs.items())))
 
 
+_DEVICE_DATA: dict = {}
+
+
+def _device_data(ds: data.Dataset):
+    """``((x_train, y_train), (x_test, y_test))`` on the device, one copy per dataset object
+    (every program of a grid shares it)."""
+    key = id(ds)
+    if key not in _DEVICE_DATA or _DEVICE_DATA[key][0] is not ds:
+        if len(_DEVICE_DATA) >= 4:
+            _DEVICE_DATA.pop(next(iter(_DEVICE_DATA)))
+        _DEVICE_DATA[key] = (ds, ((jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)),
+                                  (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))))
+    return _DEVICE_DATA[key][1]
+
+
 def static_key(cfg: RunConfig, *, pad_workers: bool = False) -> str:
     """The part of ``cfg`` that decides the compiled program (JSON). Runs with equal keys share one.
 
@@ -133,6 +148,7 @@ def static_key(cfg: RunConfig, *, pad_workers: bool = False) -> str:
     d["weight_decay"] = cfg.weight_decay > 0
     d["clip_per_worker"] = cfg.clip_per_worker is not None
     d["first_k"] = cfg.first_k is not None
+    d["compute_budget"] = None  # it only decides `steps`, which is in the key
     if not pad_workers:
         d["n_workers"] = cfg.n_workers
     if cfg.split == "dirichlet":
@@ -176,7 +192,7 @@ class Program:
         flat, self.unravel = ravel_pytree(self.model.params)
         self.d = int(flat.shape[0])
         self.momentum_on = cfg.momentum_at != "none" and cfg.momentum > 0
-        self.train = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+        self.train, self.test = _device_data(ds)
         # The server's validation samples: the last `server_validation` training samples,
         # removed from the workers' data.
         self.n_server = int(cfg.server_validation)
@@ -186,7 +202,6 @@ class Program:
             from jbyz import protocols
 
             self.latency = protocols.LATENCIES.build(cfg.latency, **dict(cfg.latency_kwargs))
-        self.test = (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------ host-side inputs
