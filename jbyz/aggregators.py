@@ -69,6 +69,7 @@ from jax import lax
 
 from jbyz import _sorting as S
 from jbyz.registry import ConfigError, Registry
+from jbyz.registry import concrete_number as _concrete
 from jbyz.types import Aggregator
 
 Array = jax.Array
@@ -119,17 +120,6 @@ def _choice(rule: str, name: str, value, options) -> None:
         )
 
 
-def _concrete(v):
-    """``v`` as a Python number when it is concrete, else ``None`` (tracers, arrays in a vmap)."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, numbers.Number):
-        return v
-    try:
-        a = np.asarray(v)
-    except Exception:  # a tracer
-        return None
-    return a.item() if a.shape == () else None
 
 
 def _check_number(rule: str, name: str, value, *, low=None, low_open=False, integer=False):

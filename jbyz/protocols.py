@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbyz.registry import ConfigError, Registry
+from jbyz.registry import concrete_number as _concrete
 
 Array = jax.Array
 
@@ -83,16 +84,6 @@ class LatencyModel:
 # Validation helpers (values may be arrays / tracers: checked only when concrete)
 
 
-def _concrete(v):
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, numbers.Number):
-        return v
-    try:
-        a = np.asarray(v)
-    except Exception:  # a tracer
-        return None
-    return a.item() if a.shape == () else None
 
 
 def _check(model: str, name: str, value, *, low=None, low_open=False, high=None, high_open=False):

@@ -96,3 +96,21 @@ class Registry:
 
     def describe(self) -> list[tuple[str, str, str]]:
         return [(e.name, e.description, e.reference) for _, e in sorted(self._entries.items())]
+
+
+def concrete_number(v):
+    """``v`` as a Python number when it is concrete, else ``None`` (tracers, arrays in a vmap,
+    bools). Validation of factory arguments uses it: traced values are checked only when known."""
+    import numbers
+
+    import numpy as np
+
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Number):
+        return v
+    try:
+        a = np.asarray(v)
+    except Exception:  # a tracer
+        return None
+    return a.item() if a.shape == () else None

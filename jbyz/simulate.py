@@ -378,28 +378,7 @@ class Program:
 
     def evaluate(self, params, mstate, test):
         """Test loss and accuracy of one run's parameters (chunks of 1000 images)."""
-        x, y = test
-        chunk = min(1000, x.shape[0])
-        N = x.shape[0]
-        pad = (-N) % chunk
-        xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-        yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-        m = jnp.arange(N + pad) < N
-
-        def one(args):
-            xc, yc, mc = args
-            out, _ = self.model.apply(self.unravel(params), mstate, xc, train=False)
-            if self.dataset.task == "regression":
-                loss = jnp.square(out.reshape(yc.shape) - yc)
-                correct = jnp.zeros_like(loss)
-            else:
-                loss = optax.softmax_cross_entropy_with_integer_labels(out, yc)
-                correct = (jnp.argmax(out, -1) == yc).astype(jnp.float32)
-            return jnp.sum(loss * mc), jnp.sum(correct * mc)
-
-        shape = lambda a: a.reshape((-1, chunk) + a.shape[1:])
-        losses, corrects = jax.lax.map(one, (shape(xp), shape(yp), shape(m)))
-        return {"test_loss": jnp.sum(losses) / N, "test_accuracy": jnp.sum(corrects) / N}
+        return evaluate_flat(self.model, self.unravel, self.dataset.task, params, mstate, *test)
 
     # ------------------------------------------------------------------ compiled entry points
     def compiled_single(self):
@@ -466,6 +445,36 @@ class Simulation:
             bar.close()
         wall = time.perf_counter() - t_start
         return RunResult(cfg, history, prog.unravel(carry.params), wall, compile_s)
+
+
+def evaluate_flat(model, unravel, task: str, params, mstate, x, y, chunk: int = 1000):
+    """Test loss and accuracy of a flat parameter vector, in chunks of ``chunk`` inputs (bounds
+    the memory of convolutions); the last chunk is padded and masked. Traceable and vmappable.
+
+    Returns ``{"test_loss", "test_accuracy"}`` (accuracy 0 for ``task == "regression"``, whose
+    loss is the squared error).
+    """
+    chunk = min(chunk, x.shape[0])
+    N = x.shape[0]
+    pad = (-N) % chunk
+    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+    yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+    m = jnp.arange(N + pad) < N
+
+    def one(args):
+        xc, yc, mc = args
+        out, _ = model.apply(unravel(params), mstate, xc, train=False)
+        if task == "regression":
+            loss = jnp.square(out.reshape(yc.shape) - yc)
+            correct = jnp.zeros_like(loss)
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(out, yc)
+            correct = (jnp.argmax(out, -1) == yc).astype(jnp.float32)
+        return jnp.sum(loss * mc), jnp.sum(correct * mc)
+
+    shape = lambda a: a.reshape((-1, chunk) + a.shape[1:])
+    losses, corrects = jax.lax.map(one, (shape(xp), shape(yp), shape(m)))
+    return {"test_loss": jnp.sum(losses) / N, "test_accuracy": jnp.sum(corrects) / N}
 
 
 def _diagnostics(sent, agg, honest) -> dict[str, jax.Array]:

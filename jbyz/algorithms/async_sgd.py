@@ -542,23 +542,9 @@ class AsyncSimulation:
         return jax.lax.scan(body, carry, None, length=length)
 
     def _eval_impl(self, w, mstate, x, y):
-        chunk = 1000
-        N = x.shape[0]
-        pad = (-N) % chunk
-        xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-        yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-        m = jnp.arange(N + pad) < N
+        from jbyz.simulate import evaluate_flat
 
-        def one(args):
-            xc, yc, mc = args
-            out, _ = self.model.apply(self.unravel(w), mstate, xc, train=False)
-            loss = optax.softmax_cross_entropy_with_integer_labels(out, yc)
-            correct = (jnp.argmax(out, -1) == yc).astype(jnp.float32)
-            return jnp.sum(loss * mc), jnp.sum(correct * mc)
-
-        shape = lambda a: a.reshape((-1, chunk) + a.shape[1:])
-        losses, corrects = jax.lax.map(one, (shape(xp), shape(yp), shape(m)))
-        return {"test_loss": jnp.sum(losses) / N, "test_accuracy": jnp.sum(corrects) / N}
+        return evaluate_flat(self.model, self.unravel, "classification", w, mstate, x, y)
 
     def _programs(self, vmapped: bool, ndev: int = 1):
         key = (self._sig, vmapped, ndev)
