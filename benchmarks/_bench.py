@@ -30,13 +30,29 @@ def mlp_flop_per_step(n: int, f: int, batch: int) -> float:
     return float((n - f) * batch * MLP_FLOP_PER_SAMPLE)
 
 
+# The CNN workload (jbyz ``lenet``, VALID on 28x28x1): multiply-accumulates of one sample's forward:
+# conv1 24*24*32*(5*5*1) = 460,800; conv2 8*8*64*(5*5*32) = 3,276,800; fc 1024*10 = 10,240;
+# 3,747,840 MACs = 7.50 MFLOP forward. Forward + backward ~ 3x forward = 22.5 MFLOP a sample
+# (counts conv1's input gradient, which is not computed: an over-count of ~2%).
+CNN_MAC_PER_SAMPLE = 24 * 24 * 32 * 5 * 5 * 1 + 8 * 8 * 64 * 5 * 5 * 32 + 4 * 4 * 64 * 10
+CNN_FLOP_PER_SAMPLE = 3 * 2 * CNN_MAC_PER_SAMPLE
+
+
+def cnn_flop_per_step(n: int, f: int, batch: int) -> float:
+    """Gradient flops of one CNN step (honest workers only), forward + backward ~ 3x forward."""
+    return float((n - f) * batch * CNN_FLOP_PER_SAMPLE)
+
+
 def workload(name: str, *, seed: int = 0, steps: int = 300, aggregator: str = "median", **over):
-    """The two race workloads as jbyz :class:`RunConfig` (ByzFL's conventions where they matter).
+    """The race workloads as jbyz :class:`RunConfig` (ByzFL's conventions where they matter).
 
     ``mlp``: Fashion-MNIST, MLP 784-100-10, n = 10, f = 3, batch 32, ALIE (ByzFL's sign and
     tau = 1.5: ``mean + 1.5 std``), worker momentum 0.9 (EMA), lr 0.1, iid shards.
     ``dm``: the distributed-momentum setting (El Mhamdi et al., ICLR 2021): the same model and
     data, n = 51, f = 24, batch 83, otherwise as ``mlp``.
+    ``cnn``: as ``mlp`` (n = 10, f = 3, batch 32) with the small CNN ``lenet``: conv5x5-32 (VALID),
+    ReLU, maxpool 2, conv5x5-64 (VALID), ReLU, maxpool 2, fc 1024-10 (default channels (32, 64),
+    padding "auto" = VALID at 28x28).
     """
     from jbyz.config import RunConfig
 
@@ -46,6 +62,8 @@ def workload(name: str, *, seed: int = 0, steps: int = 300, aggregator: str = "m
                 eval_every=steps, diagnostics=False, seed=seed)
     if name == "mlp":
         base.update(n_workers=10, f_real=3)
+    elif name == "cnn":
+        base.update(n_workers=10, f_real=3, model="lenet")
     elif name == "dm":
         base.update(n_workers=51, f_real=24, batch_size=83)
     else:

@@ -5,11 +5,16 @@ Run with the peer's own venv (built by ``bash benchmarks/setup_byzfl.sh``), not 
     benchmarks/.venv-byzfl/bin/python benchmarks/byzfl_workload.py --aggregator median --steps 300 --seeds 1 --json
     benchmarks/.venv-byzfl/bin/python benchmarks/byzfl_workload.py --aggregator average          # no attack
     benchmarks/.venv-byzfl/bin/python benchmarks/byzfl_workload.py --aggregator krum --seeds 8   # grid, sequential
+    benchmarks/.venv-byzfl/bin/python benchmarks/byzfl_workload.py --model cnn --steps 50 --json  # the CNN
 
 Workload (shared/perf-notes.md): Fashion-MNIST read from the Debian IDX files, MLP 784-100-10
 (ByzFL's ``fc_mnist``, log-softmax + NLLLoss), n = 10 workers of which f = 3 Byzantine, batch 32 per
 honest worker, worker momentum 0.9, ALIE (ByzFL's ``ALittleIsEnough``, tau = 1.5), server SGD lr 0.1,
-300 steps. Only ByzFL's own classes do the work, wired as the "Federated Learning Simulation
+300 steps. ``--model cnn`` swaps the MLP for a small CNN (jbyz's ``lenet``): conv5x5-32 (VALID),
+ReLU, maxpool 2, conv5x5-64 (VALID), ReLU, maxpool 2, flatten (4*4*64 = 1024), fc-10, log-softmax;
+it is registered into ByzFL's models module (``byzfl.fed_framework.models``, where
+``ModelBaseInterface`` resolves ``model_name`` with ``getattr``) under the name ``jbyz_cnn``, so
+ByzFL's own ``Client`` and ``Server`` build and train it. Only ByzFL's own classes do the work, wired as the "Federated Learning Simulation
 Example" of ByzFL's README (and its own DSGD loop in byzfl/benchmark/train.py) wires them:
 
 * ``DataDistributor("iid")`` splits the training set into 7 disjoint shuffled shards, one
@@ -106,9 +111,40 @@ def _read_idx(path: Path, np):
     return arr.reshape(shape)
 
 
+MODELS = {  # --model -> (ByzFL model_name, description for the JSON)
+    "fc_mnist": ("fc_mnist", "fc_mnist (784-100-10, ReLU, log-softmax, NLLLoss)"),
+    "cnn": ("jbyz_cnn", "cnn (jbyz lenet: conv5x5-32 VALID, ReLU, maxpool2, conv5x5-64 VALID, ReLU, "
+                        "maxpool2, fc 1024-10, log-softmax, NLLLoss)"),
+}
+
+
+def _register_cnn(torch, byzfl_models) -> str:
+    """Define the CNN as a torch module and register it into ByzFL's models namespace, where
+    ``byzfl.fed_framework.model_base_interface`` looks ``model_name`` up (``getattr(models, name)()``).
+    Inputs are [B, 1, 28, 28] (the ArrayDataset below yields [1, 28, 28] per sample)."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class jbyz_cnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._c1 = nn.Conv2d(1, 32, 5, 1)   # 28 -> 24, pool -> 12
+            self._c2 = nn.Conv2d(32, 64, 5, 1)  # 12 -> 8, pool -> 4
+            self._f1 = nn.Linear(4 * 4 * 64, 10)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self._c1(x.reshape(-1, 1, 28, 28))), 2, 2)
+            x = F.max_pool2d(F.relu(self._c2(x)), 2, 2)
+            return F.log_softmax(self._f1(x.flatten(1)), dim=1)
+
+    byzfl_models.jbyz_cnn = jbyz_cnn
+    return "jbyz_cnn"
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--aggregator", choices=sorted(AGGREGATORS), default="median")
+    ap.add_argument("--model", choices=sorted(MODELS), default="fc_mnist",
+                    help="fc_mnist: ByzFL's MLP 784-100-10 (default); cnn: the small CNN (jbyz lenet)")
     ap.add_argument("--attack", choices=["auto", "alie", "none"], default="auto",
                     help="auto: ALIE for robust rules, none for average (default)")
     ap.add_argument("--steps", type=int, default=300)
@@ -153,6 +189,10 @@ def main(argv=None):
     from byzfl import ByzantineClient, Client, DataDistributor, Server
     from byzfl.utils.misc import set_random_seed
     t_byzfl = time.perf_counter() - t
+    model_name, model_desc = MODELS[args.model]
+    if args.model == "cnn":
+        import byzfl.fed_framework.models as byzfl_models
+        model_name = _register_cnn(torch, byzfl_models)
     # torch.optim.Optimizer.__init__ imports torch._dynamo on first use (seconds): count it as an
     # import here rather than as part of the first seed's setup.
     t = time.perf_counter()
@@ -218,7 +258,7 @@ def main(argv=None):
                                                        num_samples=args.batch * args.steps))
                 for _ in range(n_honest)]
         clients = [Client({
-            "model_name": "fc_mnist",
+            "model_name": model_name,
             "device": "cpu",
             "loss_name": "NLLLoss",
             "LabelFlipping": False,
@@ -229,7 +269,7 @@ def main(argv=None):
         }) for i in range(n_honest)]
         server = Server({
             "device": "cpu",
-            "model_name": "fc_mnist",
+            "model_name": model_name,
             "test_loader": torch.utils.data.DataLoader(test_ds, batch_size=args.eval_batch, shuffle=False),
             "optimizer_name": "SGD",
             "learning_rate": float(args.lr),
@@ -323,7 +363,8 @@ def main(argv=None):
         "alie_sign": "+ (ByzFL: mean + tau * std, std with ddof=1)" if attack == "alie" else None,
         "n": args.n, "f": args.f, "n_honest": n_honest, "n_aggregated": runs[0]["n_aggregated"],
         "batch_per_worker": args.batch, "sampler": args.sampler,
-        "model": "fc_mnist (784-100-10, ReLU, log-softmax, NLLLoss)",
+        "model": model_desc,
+        "byzfl_model_name": model_name,
         "momentum": args.momentum,
         "momentum_form": "ByzFL Client EMA: u = m*u + (1-m)*g, u initialised to 0 (u_1 = (1-m)*g_1)",
         "server_optimizer": f"SGD lr={args.lr}, no weight decay, constant lr",
@@ -364,7 +405,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.aggregator} / {attack}: {out['steps_per_s']:.1f} steps/s, test acc "
+        print(f"{args.model}, {args.aggregator} / {attack}: {out['steps_per_s']:.1f} steps/s, test acc "
               f"{out['final_test_accuracy']:.4f}, {args.seeds} seed(s) in {seeds_total_s:.1f}s, "
               f"end to end {out['end_to_end_s']:.1f}s; other processes kept {other_cores} cores busy")
     return out

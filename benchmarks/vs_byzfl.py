@@ -4,7 +4,11 @@ Two workloads (``_bench.workload``), both Fashion-MNIST, MLP 784-100-10, ALIE (B
 ``mean + 1.5 std``), worker momentum 0.9 (EMA), server SGD lr 0.1, coordinate-wise median:
 
 * ``mlp``: n = 10, f = 3, batch 32 (shared/perf-notes.md);
-* ``dm``: the distributed-momentum setting, n = 51, f = 24, batch 83.
+* ``dm``: the distributed-momentum setting, n = 51, f = 24, batch 83;
+* ``cnn``: as ``mlp`` but the small CNN (conv5x5-32, pool, conv5x5-64, pool, fc-10, VALID; jbyz
+  ``lenet``, ByzFL ``byzfl_workload.py --model cnn``), 22.5 MFLOP a sample. Only run when asked
+  (``--workloads cnn``); one run only unless ``--grids`` names sizes. jbyz: ``--steps-cnn`` steps
+  a timed call, ``--single-runs-cnn`` single runs back to back; ByzFL: ``--byzfl-steps-cnn``.
 
 ByzFL runs in its own venv (``benchmarks/setup_byzfl.sh``) through ``byzfl_workload.py --json``, as
 a child of this process, K seeds one after another (``--byzfl-seeds``); its grid figures for 8 and
@@ -29,8 +33,10 @@ machine its two threads wait for each other at every op and it collapses (0.95 s
     python benchmarks/vs_byzfl.py --quick          # short smoke run (few steps, mlp, grid of 8)
     python benchmarks/vs_byzfl.py                  # both workloads, 1 / 8 / 64 seeds
     python benchmarks/vs_byzfl.py --workloads mlp --grids 8 64 --widths 1 auto
+    python benchmarks/vs_byzfl.py --workloads cnn --grids --out benchmarks/results/vs_byzfl_cnn.json
+    python benchmarks/vs_byzfl.py --workloads cnn --quick --out /tmp/vs_byzfl_cnn_smoke.json
 
-Writes ``benchmarks/results/vs_byzfl.json``.
+Writes ``benchmarks/results/vs_byzfl.json`` (``--quick``: ``vs_byzfl_quick.json``), or ``--out``.
 """
 
 from __future__ import annotations
@@ -46,10 +52,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _bench import RESULTS, load, meta, mlp_flop_per_step, workload, write_json  # noqa: E402
+from _bench import (RESULTS, cnn_flop_per_step, load, meta, mlp_flop_per_step, workload,  # noqa: E402
+                    write_json)
 
 BYZFL_PY = HERE / ".venv-byzfl" / "bin" / "python"
-SHAPES = {"mlp": dict(n=10, f=3, batch=32), "dm": dict(n=51, f=24, batch=83)}
+SHAPES = {"mlp": dict(n=10, f=3, batch=32), "dm": dict(n=51, f=24, batch=83),
+          "cnn": dict(n=10, f=3, batch=32)}
+BYZFL_MODEL = {"cnn": "cnn"}  # byzfl_workload.py --model (default fc_mnist)
+FLOP_PER_STEP = {"mlp": mlp_flop_per_step, "dm": mlp_flop_per_step, "cnn": cnn_flop_per_step}
 
 
 def run_byzfl(wl: str, steps: int, seeds: int, aggregator: str, threads: int) -> dict:
@@ -58,6 +68,8 @@ def run_byzfl(wl: str, steps: int, seeds: int, aggregator: str, threads: int) ->
     cmd = [str(BYZFL_PY), str(HERE / "byzfl_workload.py"), "--aggregator", agg, "--attack", "alie",
            "--steps", str(steps), "--seeds", str(seeds), "--threads", str(threads),
            "--n", str(s["n"]), "--f", str(s["f"]), "--batch", str(s["batch"]), "--json"]
+    if wl in BYZFL_MODEL:
+        cmd += ["--model", BYZFL_MODEL[wl]]
     import resource
 
     l0 = load()
@@ -73,7 +85,7 @@ def run_byzfl(wl: str, steps: int, seeds: int, aggregator: str, threads: int) ->
     keep = ("steps_per_s", "steps_per_s_per_seed", "step_ms_median", "step_ms_p10", "train_s_per_seed",
             "setup_s_per_seed", "eval_s_per_seed", "seeds_total_s", "seeds_train_total_s", "import_s",
             "data_load_s", "end_to_end_s", "torch_threads", "other_processes_cpu_cores",
-            "loadavg_1min_before_after", "final_test_accuracy_per_seed", "versions")
+            "loadavg_1min_before_after", "final_test_accuracy_per_seed", "versions", "model")
     r = {k: out.get(k) for k in keep}
     r.update(process_wall_s=wall, process_cpu_s=child_cpu, load=max(l0, load()), steps=steps, seeds=seeds)
     per_seed_s = out["seeds_total_s"] / seeds  # setup + train + eval of one seed
@@ -131,11 +143,11 @@ class Jbyz:
                     jax.block_until_ready(c.params)
                 self.fns[("grid", R, f"{width}->{runner.width}")] = go
 
-    def time_all(self, repeats: int) -> list[dict]:
+    def time_all(self, repeats: int, warm: bool = True) -> list[dict]:
         out = []
         for (kind, R, width), fn in self.fns.items():
             ts, cpus, loads = [], [], []
-            if R * self.steps <= 2000:
+            if warm and R * self.steps <= 2000:
                 fn()  # warm (allocations); the chunk is compiled ahead of time already
             for _ in range(repeats):
                 l0 = load()
@@ -154,28 +166,44 @@ class Jbyz:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", nargs="*", default=["mlp", "dm"], choices=list(SHAPES))
+    ap.add_argument("--workloads", nargs="*", default=None, choices=list(SHAPES),
+                    help="default: mlp dm (--quick: mlp); cnn only when named")
     ap.add_argument("--aggregator", default="median", choices=["median", "trimmed_mean", "krum"])
-    ap.add_argument("--grids", type=int, nargs="*", default=[8, 64])
+    ap.add_argument("--grids", type=int, nargs="*", default=None,
+                    help="grid sizes (seeds); default 8 64 for mlp and dm, none for cnn")
     ap.add_argument("--widths", nargs="*", default=["auto", "1"],
                     help="GridOptions.vmap_width values for the grids ('auto' = jbyz's default)")
     ap.add_argument("--steps", type=int, default=30, help="jbyz steps per timed call (mlp)")
     ap.add_argument("--steps-dm", type=int, default=5, help="jbyz steps per timed call (dm)")
+    ap.add_argument("--steps-cnn", type=int, default=20, help="jbyz steps per timed call (cnn)")
     ap.add_argument("--byzfl-steps", type=int, default=300)
     ap.add_argument("--byzfl-steps-dm", type=int, default=30)
+    ap.add_argument("--byzfl-steps-cnn", type=int, default=50)
     ap.add_argument("--byzfl-seeds", type=int, default=1, help="ByzFL seeds run one after another")
     ap.add_argument("--byzfl-threads", type=int, default=2)
     ap.add_argument("--single-runs", type=int, default=8,
                     help="jbyz one-run figure: this many single runs back to back per timed call")
+    ap.add_argument("--single-runs-cnn", type=int, default=2,
+                    help="--single-runs for cnn (a call of 2 x 20 steps lasts about as long as "
+                         "ByzFL's 50)")
     ap.add_argument("--rounds", type=int, default=2, help="ByzFL / jbyz alternations (dm: 1)")
     ap.add_argument("--repeats", type=int, default=1, help="jbyz timed calls per round")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "vs_byzfl.json"))
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/vs_byzfl.json (--quick: vs_byzfl_quick.json)")
     args = ap.parse_args(argv)
+    grids_given = args.grids is not None  # cnn: no grid unless named
+    if args.grids is None:
+        args.grids = [8, 64]
+    if args.workloads is None:
+        args.workloads = ["mlp"] if args.quick else ["mlp", "dm"]
     if args.quick:
-        args.workloads, args.grids, args.widths = ["mlp"], [8], ["auto"]
+        args.grids, args.widths = [8], ["auto"]
         args.steps, args.byzfl_steps, args.byzfl_seeds, args.rounds = 10, 40, 1, 1
         args.single_runs = 2
+        args.steps_cnn, args.byzfl_steps_cnn, args.single_runs_cnn = 3, 10, 1  # cnn: no grid
+    if args.out is None:
+        args.out = str(RESULTS / ("vs_byzfl_quick.json" if args.quick else "vs_byzfl.json"))
     if not BYZFL_PY.exists():
         sys.exit(f"{BYZFL_PY} missing: run `bash benchmarks/setup_byzfl.sh` first")
 
@@ -185,33 +213,36 @@ def main(argv=None):
     report = {"meta": meta(), "args": vars(args), "workloads": {}}
     for wl in args.workloads:
         s = SHAPES[wl]
-        flop = mlp_flop_per_step(s["n"], s["f"], s["batch"])
-        jsteps = args.steps if wl == "mlp" else args.steps_dm
-        bsteps = args.byzfl_steps if wl == "mlp" else args.byzfl_steps_dm
+        flop = FLOP_PER_STEP[wl](s["n"], s["f"], s["batch"])
+        jsteps = {"mlp": args.steps, "dm": args.steps_dm, "cnn": args.steps_cnn}[wl]
+        bsteps = {"mlp": args.byzfl_steps, "dm": args.byzfl_steps_dm, "cnn": args.byzfl_steps_cnn}[wl]
+        grids = [] if wl == "cnn" and (args.quick or not grids_given) else args.grids
+        single_runs = args.single_runs_cnn if wl == "cnn" else args.single_runs
         print(f"\n== {wl}: n={s['n']} f={s['f']} batch={s['batch']} {args.aggregator}/ALIE, "
               f"{flop / 1e6:.1f} MFLOP of gradients a step", flush=True)
         t = time.perf_counter()
-        jb = Jbyz(wl, args.aggregator, jsteps, args.grids,
-                  args.widths if wl == "mlp" else args.widths[:1], ds, args.single_runs)
+        jb = Jbyz(wl, args.aggregator, jsteps, grids,
+                  args.widths if wl == "mlp" else args.widths[:1], ds, single_runs)
         print(f"jbyz compiled in {time.perf_counter() - t:.1f}s: "
               + ", ".join(f"{k} {v:.1f}s" for k, v in jb.compile_s.items()), flush=True)
         byz, jrows = [], []
-        for rnd in range(args.rounds if wl == "mlp" else 1):
+        for rnd in range(1 if wl == "dm" else args.rounds):
             b = run_byzfl(wl, bsteps, args.byzfl_seeds, args.aggregator, args.byzfl_threads)
             byz.append(b)
             b["steps_per_s_p10"] = 1e3 / b["step_ms_p10"] if b.get("step_ms_p10") else None
             print(f"[round {rnd}] ByzFL: {b['steps_per_s']:.1f} steps/s per seed, fastest-tenth steps "
                   f"{b['steps_per_s_p10'] or float('nan'):.1f}/s "
                   f"({b['steps_per_s_per_seed']}), other cores busy {b['other_processes_cpu_cores']}, "
-                  f"load {b['load']}", flush=True)
-            for r in jb.time_all(args.repeats):
+                  f"load {b['load']}, test acc {b['final_test_accuracy_per_seed']}", flush=True)
+            # cnn: warm-up call in the first round only (a call costs seconds; nothing to warm later)
+            for r in jb.time_all(args.repeats, warm=(wl != "cnn" or rnd == 0)):
                 r["round"] = rnd
                 jrows.append(r)
                 print(f"[round {rnd}] jbyz {r['kind']:<6} R={r['R']:<3} width {r['width']:<8} "
                       f"{r['run_steps_per_s']:8.1f} run-steps/s  {r['cpu_ms_per_run_step']:6.2f} CPU-ms/run-step"
                       f"  load {r['load']}", flush=True)
             report["workloads"][wl] = dict(shape=s, partial=True, byzfl=byz, jbyz=jrows)
-            write_json(args.out if not args.quick else RESULTS / "vs_byzfl_quick.json", report)
+            write_json(args.out, report)
         # summary: medians over rounds
         med = lambda xs: sorted(xs)[len(xs) // 2]
         b_sps = med([b["steps_per_s"] for b in byz])
@@ -240,8 +271,10 @@ def main(argv=None):
                   f"{(v / single if single else float('nan')):>19.2f}")
         report["workloads"][wl] = dict(shape=s, jbyz_steps=jsteps, byzfl_steps=bsteps,
                                        compile_s=jb.compile_s, byzfl=byz, jbyz=jrows, summary=summary)
-        write_json(args.out if not args.quick else RESULTS / "vs_byzfl_quick.json", report)
-    print(f"\nwrote {args.out if not args.quick else RESULTS / 'vs_byzfl_quick.json'}")
+        if wl in BYZFL_MODEL:
+            report["workloads"][wl].update(jbyz_model=jb.prog.cfg.model, byzfl_model=BYZFL_MODEL[wl])
+        write_json(args.out, report)
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

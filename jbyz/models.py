@@ -171,7 +171,12 @@ _zeros, _ones = _constant(0.0), _constant(1.0)
 #   dW[kh, kw, ci, co] = sum_{b, h, w} xpad[b, s*h + kh, s*w + kw, ci] * dy[b, h, w, co]
 #                      = conv(lhs = xpad^T [ci, H, W, b], rhs = dy^T [h, w, b, co],
 #                             rhs_dilation = s)[ci, kh, kw, co],
-# gives the same numbers at top-level speed inside loops too (8.1 ms). Only reverse mode is
+# gives the same numbers at top-level speed inside loops too (8.1 ms). The input gradient of a
+# stride-1 convolution has the same problem, milder (lenet's conv2: ~2x slower per worker inside
+# a scan, 2026-11-30), and is written as an ordinary convolution of dy with the flipped kernel,
+#   dx = conv(dy, rev(w)^{ci <-> co}, padding = (k - 1 - lo, k - 1 - hi)).
+# With both, lenet's per-worker gradient costs the same inside lax.scan as at top level (13 ms
+# on 32 images, one core; PyTorch 2.13 with oneDNN: 15 ms). Only reverse mode is
 # defined (a custom_vjp): forward-mode AD (jax.jvp, jacfwd, hessian) through these convolutions
 # needs the model built with fast_conv_grad=False.
 
@@ -191,13 +196,24 @@ def _conv2d_fwd(x, w, strides, pads, precision):
 
 def _conv2d_bwd(strides, pads, precision, res, dy):
     x, w = res
-    _, vjp_x = jax.vjp(
-        lambda xx: jax.lax.conv_general_dilated(
-            xx, w, strides, pads, dimension_numbers=_NHWC, precision=precision
-        ),
-        x,
-    )
-    (dx,) = vjp_x(dy)
+    kh, kw = w.shape[0], w.shape[1]
+    full = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+    if strides == (1, 1) and all(p >= 0 for pair in full for p in pair):
+        # The input gradient as an ordinary convolution of dy with the flipped kernel (in and
+        # out channels swapped): XLA's own transpose of the convolution runs ~2x slower inside
+        # a while-loop body on XLA:CPU (benchmarks/NOTES_cnn.md), this form does not.
+        w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
+        dx = jax.lax.conv_general_dilated(
+            dy, w_t, (1, 1), full, dimension_numbers=_NHWC, precision=precision
+        ).astype(x.dtype)
+    else:
+        _, vjp_x = jax.vjp(
+            lambda xx: jax.lax.conv_general_dilated(
+                xx, w, strides, pads, dimension_numbers=_NHWC, precision=precision
+            ),
+            x,
+        )
+        (dx,) = vjp_x(dy)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     out = jax.lax.conv_general_dilated(
         jnp.transpose(xp, (3, 1, 2, 0)),  # [ci, H, W, b]
@@ -208,7 +224,6 @@ def _conv2d_bwd(strides, pads, precision, res, dy):
         dimension_numbers=_NHWC,
         precision=precision,
     )  # [ci, >= kh, >= kw, co]
-    kh, kw = w.shape[0], w.shape[1]
     dw = jnp.transpose(out[:, :kh, :kw, :], (1, 2, 0, 3)).astype(w.dtype)
     return dx, dw
 

@@ -247,12 +247,14 @@ class Program:
     def transforms(self, dyn: Dyn):
         """The four optax stages of a run, closed over its dynamic values (traced or concrete)."""
         cfg, n = self.cfg, self.n
-        worker = []
+        # The worker stages act on the gradient rows only: the first n - grad_rows slots are
+        # Byzantine in every run of the group, and the attack overwrites them anyway.
+        worker, rows = [], self.grad_rows
         if cfg.clip_per_worker is not None:
-            worker.append(transforms.clip_per_worker(dyn.clip, n))
+            worker.append(transforms.clip_per_worker(dyn.clip, rows))
         if self.momentum_on and cfg.momentum_at == "worker":
             worker.append(transforms.worker_momentum(
-                dyn.momentum, n, form=cfg.momentum_form, nesterov=cfg.nesterov))
+                dyn.momentum, rows, form=cfg.momentum_form, nesterov=cfg.nesterov))
         tx_worker = optax.chain(*worker) if worker else optax.with_extra_args_support(optax.identity())
         tx_byz = transforms.byzantine(self.attack, dyn.f_real, n)
         tx_agg = transforms.robust_aggregate(self.aggregator, dyn.f, n, preaggregators=self.pre)
@@ -320,8 +322,6 @@ class Program:
         grad_fn = models.map_workers(
             lambda *a: jax.value_and_grad(loss, has_aux=True)(*a), self.grad_method)
         (losses, new_mstates), grads = grad_fn(carry.params, carry.model_state, xb, yb, dkeys)
-        if first:
-            grads = jnp.concatenate([jnp.zeros((first,) + grads.shape[1:], grads.dtype), grads])
         metrics = {}
         clock = carry.clock
         if self.latency is not None:
@@ -343,7 +343,10 @@ class Program:
         tx_worker, tx_byz, tx_agg, tx_server = self.transforms(dyn)
         tx_key = jax.random.fold_in(step_key, n + _SALT_TX)
         extra = dict(valid=valid, key=tx_key)
-        sent, worker_state = tx_worker.update(grads, carry.worker_state, carry.params, valid=valid)
+        sent, worker_state = tx_worker.update(grads, carry.worker_state, carry.params,
+                                              valid=valid[first:])
+        if first:  # the always-Byzantine slots, overwritten by the attack
+            sent = jnp.concatenate([jnp.zeros((first,) + sent.shape[1:], sent.dtype), sent])
         sent, byz_state = tx_byz.update(sent, carry.byz_state, carry.params, **extra)
         if self.n_server:
             extra["reference"] = self._server_gradient(carry, step_key, train, dyn)

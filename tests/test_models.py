@@ -292,10 +292,13 @@ def test_tiny_model_overfits_tiny_batch():
 @pytest.mark.parametrize(
     "kernel,strides,padding",
     [((3, 3), (1, 1), "SAME"), ((3, 3), (2, 2), "SAME"), ((1, 1), (2, 2), "SAME"),
-     ((5, 5), (1, 1), "VALID"), ((3, 2), (2, 1), ((1, 2), (0, 1)))],
+     ((5, 5), (1, 1), "VALID"), ((3, 2), (2, 1), ((1, 2), (0, 1))),
+     ((3, 2), (1, 1), ((1, 2), (0, 1))), ((1, 1), (1, 1), ((1, 1), (0, 2)))],
 )
 def test_loop_friendly_conv_gradient_matches_xla(kernel, strides, padding):
-    """The custom kernel gradient (used by default, fast inside lax.scan on CPU) == XLA's."""
+    """The custom kernel and input gradients (used by default, fast inside lax.scan on CPU) ==
+    XLA's; stride 1 takes the explicit input-gradient convolution, padding wider than the
+    kernel and other strides XLA's own transpose."""
     from jbyz.models import _loop_friendly_conv_general_dilated as fast_conv
 
     x, w = _normal((2, 7, 6, 3), 1), _normal((*kernel, 3, 4), 2)

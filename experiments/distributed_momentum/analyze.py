@@ -1,6 +1,6 @@
 """The paper's headline statistics, computed the paper's way, from the grid's results.
 
-    python experiments/distributed_momentum/analyze.py [runs/distributed_momentum]
+    python experiments/distributed_momentum/analyze.py [experiments/distributed_momentum/results/grid]
 
 Per run the metric is the highest observed test accuracy (every evaluation of the run). For an
 attacked configuration and seed, with ``ref`` the max accuracy of the matching unattacked run
@@ -132,7 +132,7 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
     return runs[keep]
 
 
-def main(folder="runs/distributed_momentum", dest=None):
+def main(folder="experiments/distributed_momentum/results/grid", dest=None):
     folder = Path(folder)
     dest = Path(dest) if dest else Path(__file__).resolve().parent / "results"
     dest.mkdir(parents=True, exist_ok=True)

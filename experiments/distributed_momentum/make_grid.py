@@ -75,7 +75,7 @@ def main():
             lines += block(f"{name}, lr {lr}, unattacked references (n - f honest, averaging)", {
                 **common, "n_workers": f"[{d['n'] - d['f'][0]}, {d['n'] - d['f'][1]}]", "f_real": 0,
                 "aggregator": '"mean"', "attack": '"none"', "momentum_at": '"server"'})
-    lines.append('\n[output]\ndir = "runs/distributed_momentum"\n')
+    lines.append('\n[output]\ndir = "experiments/distributed_momentum/results/grid"\n')
     open("grid.toml", "w").write("\n".join(lines))
 
 
