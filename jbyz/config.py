@@ -50,7 +50,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "l2_form": ("squared", "norm"),
     "grad_method": ("auto", "vmap", "unroll", "map"),
     "byzantine_arrival": ("honest", "first"),
+    "augment": ("none", "flip", "crop_flip"),
 }
+
+# Fields added after results were first published, with a default that reproduces the earlier
+# behaviour: left out of the config hash (a run's id) while at that default, so results computed
+# before a field existed keep their ids and a grid still resumes.
+_HASH_OMIT_AT_DEFAULT = {"augment": "none"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +74,11 @@ class RunConfig:
       f: how many Byzantine workers the aggregator assumes (default ``f_real``).
       batch_size: mini-batch size per worker.
       steps, lr, lr_schedule, lr_schedule_kwargs: number of steps, learning rate and its schedule:
-        ``constant``; ``cosine`` (decay to 0 over ``steps``); ``inverse_time`` (El Mhamdi et al.'s
+        ``constant``; ``cosine`` (decay to 0 over ``steps``; kwarg ``every``: a staircase that
+        changes the lr every ``every`` steps, or ``"epoch"`` for Yang et al.'s per-epoch cosine
+        :math:`\\eta_i = \\frac{\\eta_0}{2}(1 + \\cos(i\\pi/E))` in epoch ``i``, an epoch being
+        ``N / (n_workers * batch_size)`` steps: each worker passes once over an equal share of the
+        ``N`` training samples); ``inverse_time`` (El Mhamdi et al.'s
         code: :math:`\\eta_t = \\eta_0 / (1 + t'/\\text{decay})` with :math:`t'` = ``t`` rounded down
         to a multiple of ``every``; kwargs ``decay``, ``every``).
       momentum, momentum_at, momentum_form, nesterov: momentum coefficient; where it lives
@@ -93,6 +103,10 @@ class RunConfig:
         dropped; needs a latency model). ``None``: wait for everyone.
       byzantine_arrival: ``honest`` (Byzantine workers draw latencies like everyone) or
         ``first`` (they always arrive first: the worst case for first-k).
+      augment: data augmentation of the training batches, drawn per sample inside the step:
+        ``none``, ``flip`` (random horizontal flip, p = 1/2; El Mhamdi et al. on Fashion-MNIST
+        and CIFAR) or ``crop_flip`` (zero-pad 4 pixels, random crop back to size, then flip: the
+        standard CIFAR augmentation). Images only.
       server_validation: the server holds this many training samples (removed from the workers'
         data) and computes a gradient on a batch of them each step: the reference of rules that
         need one (dSTAR, ``needs_reference``).
@@ -140,6 +154,7 @@ class RunConfig:
     byzantine_arrival: str = "honest"
     server_validation: int = 0
     compute_budget: int | None = None
+    augment: str = "none"
     seed: int = 0
 
     @property
@@ -160,7 +175,11 @@ class RunConfig:
         return f"{agg} / {self.attack}"
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        d = self.to_dict()
+        for k, default in _HASH_OMIT_AT_DEFAULT.items():
+            if d.get(k) == default:
+                del d[k]
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -249,11 +268,17 @@ def validate(cfg: RunConfig) -> list[str]:
         )
     if cfg.f is not None and (not isinstance(cfg.f, int) or cfg.f < 0):
         errors.append(f"f (declared) must be an integer >= 0 or omitted, got {cfg.f!r}")
-    allowed = {"constant": set(), "cosine": set(), "inverse_time": {"decay", "every"}}.get(cfg.lr_schedule, set())
+    allowed = {"constant": set(), "cosine": {"every"}, "inverse_time": {"decay", "every"}}.get(cfg.lr_schedule, set())
     bad = sorted(set(cfg.lr_schedule_kwargs) - allowed)
     if bad:
         errors.append(f"lr_schedule_kwargs {bad} not understood by lr_schedule={cfg.lr_schedule!r}; "
                       f"valid: {sorted(allowed) or 'none'}")
+    every = dict(cfg.lr_schedule_kwargs).get("every", 1)
+    ok_every = (every == "epoch" and cfg.lr_schedule == "cosine") or (
+        isinstance(every, int) and not isinstance(every, bool) and every >= 1)
+    if "every" in allowed and not ok_every:
+        errors.append(f"lr_schedule_kwargs every={every!r} must be an integer >= 1"
+                      + (" or 'epoch'" if cfg.lr_schedule == "cosine" else ""))
     if not (cfg.lr > 0):
         errors.append(f"lr must be > 0, got {cfg.lr}")
     if not (0.0 <= cfg.momentum < 1.0):

@@ -768,6 +768,39 @@ def sample_indices(key, indices_row, size, batch_size: int) -> jax.Array:
     return jnp.asarray(indices_row)[pos]
 
 
+def augment_images(key, x, kind: str, pad: int = 4):
+    """Random augmentation of a batch of NHWC images, one draw per image (traceable).
+
+    ``flip``: mirror each image left-right with probability 1/2. ``crop_flip``: zero-pad ``pad``
+    pixels on each side, crop a random window of the original size, then ``flip`` (the standard
+    CIFAR augmentation; zero is the mean pixel after jbyz's normalisation, where torchvision pads
+    raw pixels with black). ``none`` returns ``x``.
+
+    Args:
+      key: PRNG key.
+      x: ``[B, H, W, C]`` images (any leading axes are flattened into ``B`` and restored).
+      kind: ``"none"``, ``"flip"`` or ``"crop_flip"``.
+
+    Returns:
+      The augmented images, same shape and dtype.
+    """
+    if kind == "none":
+        return x
+    if kind not in ("flip", "crop_flip"):
+        raise ConfigError(f"unknown augmentation {kind!r}; valid: 'none', 'flip', 'crop_flip'")
+    shape = x.shape
+    x = x.reshape((-1,) + shape[-3:])
+    b, h, w, _ = x.shape
+    k_flip, k_crop = jax.random.split(key)
+    if kind == "crop_flip":
+        xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        off = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
+        x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(xp, off)
+    mirror = jax.random.bernoulli(k_flip, 0.5, (b,))
+    x = jnp.where(mirror[:, None, None, None], x[:, :, ::-1, :], x)
+    return x.reshape(shape)
+
+
 def flip_labels(y, num_classes):
     """Label-flipping attack: ``y -> num_classes - 1 - y``.
 

@@ -36,12 +36,14 @@ from jax.flatten_util import ravel_pytree
 
 from jbyz import aggregators, attacks, data, models, preaggregators, transforms
 from jbyz.config import RunConfig, _norm_pre, check
+from jbyz.registry import ConfigError
 from jbyz.types import byzantine_mask
 
 # Salts of the per-step key streams (attack, aggregation, dropout, protocol).
 _SALT_DROPOUT = 1
 _SALT_TX = 2
 _SALT_PROTOCOL = 3
+_SALT_AUGMENT = 4
 
 # Fields a compiled program takes as array arguments (vary freely inside one group of a grid).
 DYNAMIC_FIELDS = ("seed", "lr", "momentum", "weight_decay", "f_real", "f", "clip_per_worker",
@@ -149,8 +151,8 @@ def static_key(cfg: RunConfig, *, pad_workers: bool = False) -> str:
     d["clip_per_worker"] = cfg.clip_per_worker is not None
     d["first_k"] = cfg.first_k is not None
     d["compute_budget"] = None  # it only decides `steps`, which is in the key
-    if not pad_workers:
-        d["n_workers"] = cfg.n_workers
+    if not pad_workers or dict(cfg.lr_schedule_kwargs).get("every") == "epoch":
+        d["n_workers"] = cfg.n_workers  # (a per-epoch schedule's epoch length depends on it)
     if cfg.split == "dirichlet":
         d["dirichlet_alpha"] = "dynamic"
     return json.dumps(d, sort_keys=True, default=str)
@@ -187,6 +189,10 @@ class Program:
         if grad_rows is None:
             grad_rows = n if own or cfg.attack == "none" else n - cfg.f_real
         self.grad_rows = int(grad_rows)
+        if cfg.augment != "none" and len(ds.input_shape) != 3:
+            raise ConfigError(
+                f"augment={cfg.augment!r} needs image inputs [H, W, C]; dataset {cfg.dataset!r} has "
+                f"input_shape {ds.input_shape}. Use augment='none'.")
         self.model = self.build_model(0)
         self.grad_method = models.resolve_grad_method(self.model, cfg.grad_method)
         flat, self.unravel = ravel_pytree(self.model.params)
@@ -266,16 +272,32 @@ class Program:
                 server.append(optax.ema(dyn.momentum, debias=False))
             else:
                 server.append(optax.trace(dyn.momentum, nesterov=cfg.nesterov))
+        sched = self.lr_schedule(dyn.lr)
+        server.append(optax.scale_by_learning_rate(sched))
+        return tx_worker, tx_byz, tx_agg, optax.chain(*server)
+
+    def lr_schedule(self, lr):
+        """The learning-rate schedule ``t -> lr_t`` of this group (``lr`` may be traced)."""
+        cfg = self.cfg
         if cfg.lr_schedule == "cosine":
-            sched = optax.cosine_decay_schedule(dyn.lr, cfg.steps)
+            every = dict(cfg.lr_schedule_kwargs).get("every", 1)
+            if every == "epoch":  # Yang et al.: (lr0 / 2)(1 + cos(i pi / E)) in epoch i
+                from jbyz.algorithms.byzsgdnm import epoch_cosine_schedule
+
+                per_epoch = self.n_worker_samples / (cfg.n_workers * cfg.batch_size)
+                sched = epoch_cosine_schedule(lr, max(1, round(cfg.steps / per_epoch)), per_epoch)
+            else:
+                sched = optax.cosine_decay_schedule(lr, cfg.steps)
+                if int(every) > 1:  # staircase: step t takes the lr of its period's first step
+                    base, every = sched, int(every)
+                    sched = lambda t: base(t // every * every)
         elif cfg.lr_schedule == "inverse_time":
             kw = dict(cfg.lr_schedule_kwargs)
             decay, every = float(kw.get("decay", 5000.0)), int(kw.get("every", 1))
-            sched = lambda t: dyn.lr / (1.0 + (t // every * every) / decay)
+            sched = lambda t: lr / (1.0 + (t // every * every) / decay)
         else:
-            sched = optax.constant_schedule(dyn.lr)
-        server.append(optax.scale_by_learning_rate(sched))
-        return tx_worker, tx_byz, tx_agg, optax.chain(*server)
+            sched = optax.constant_schedule(lr)
+        return sched
 
     def init(self, inp: RunInputs) -> Carry:
         """The initial carry of one run (traceable; vmap it over runs)."""
@@ -313,6 +335,9 @@ class Program:
         idx = jax.vmap(data.sample_indices, in_axes=(0, 0, 0, None))(
             wkeys, inp.indices[first:], inp.sizes[first:], cfg.batch_size)
         xb, yb = x_all[idx], y_all[idx]
+        if cfg.augment != "none":
+            akeys = jax.vmap(lambda k: jax.random.fold_in(k, _SALT_AUGMENT))(wkeys)
+            xb = jax.vmap(lambda k, xw: data.augment_images(k, xw, cfg.augment))(akeys, xb)
         valid = jnp.arange(n) < dyn.n_valid
         byz = byzantine_mask(n, dyn.f_real) & valid
         if self.attack.flips_labels:

@@ -370,3 +370,35 @@ def test_flip_labels():
     out = jax.jit(D.flip_labels, static_argnums=1)(jnp.array([0, 1, 2]), 3)
     np.testing.assert_array_equal(out, [2, 1, 0])
     assert D.flip_labels(np.array([1], np.int32), 10).dtype == np.int32
+
+
+def test_augment_images_flip_and_crop():
+    import jax
+
+    from jbyz.data import augment_images
+
+    x = np.arange(64 * 6 * 5 * 2, dtype=np.float32).reshape(64, 6, 5, 2)
+    out = np.asarray(augment_images(jax.random.key(0), x, "flip"))
+    same = np.all(out == x, axis=(1, 2, 3))
+    mirrored = np.all(out == x[:, :, ::-1, :], axis=(1, 2, 3))
+    assert np.all(same | mirrored)
+    assert 16 < mirrored.sum() < 48  # p = 1/2 per image
+    np.testing.assert_array_equal(np.asarray(augment_images(jax.random.key(0), x, "none")), x)
+    # crop_flip: every image is a window of its zero-padded (possibly mirrored) original
+    out = np.asarray(augment_images(jax.random.key(1), x, "crop_flip", pad=2))
+    assert out.shape == x.shape
+    offsets = set()
+    for i in range(64):
+        found = False
+        for src in (x[i], x[i, :, ::-1]):
+            xp = np.pad(src, ((2, 2), (2, 2), (0, 0)))
+            for a in range(5):
+                for b in range(5):
+                    if np.array_equal(xp[a:a + 6, b:b + 5], out[i]):
+                        found = True
+                        offsets.add((a, b))
+        assert found
+    assert len(offsets) > 5  # random offsets, not one fixed window
+    # leading axes (workers) are kept
+    xw = x.reshape(4, 16, 6, 5, 2)
+    assert augment_images(jax.random.key(2), xw, "crop_flip").shape == xw.shape

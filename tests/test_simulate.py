@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jbyz.config import RunConfig
+from jbyz.config import RunConfig, check
 from jbyz.simulate import Simulation, run
 
 BASE = RunConfig(dataset="digits", model="mlp", n_workers=10, f_real=3, batch_size=32,
@@ -97,3 +97,56 @@ def test_first_k_config_errors():
     assert any("first_k must be" in e for e in errs)
     errs = validate(BASE.replace(latency="gama"))
     assert any("gamma" in e for e in errs)
+
+
+def test_cosine_staircase_and_per_epoch_schedules():
+    """lr_schedule="cosine" with every=K holds the lr for K steps; every="epoch" is Yang et al.'s
+    (lr0/2)(1 + cos(i pi / E)) with an epoch = N / (n_workers * batch_size) steps."""
+    import math
+
+    from jbyz.registry import ConfigError
+    from jbyz.simulate import get_program
+
+    base = dict(dataset="synthetic_classification", model="logreg", n_workers=4, batch_size=10,
+                steps=40, lr=0.5, lr_schedule="cosine")
+    plain = get_program(RunConfig(**base)).lr_schedule(0.5)
+    stair = get_program(RunConfig(**base, lr_schedule_kwargs={"every": 8})).lr_schedule(0.5)
+    for t in range(40):
+        assert float(stair(t)) == pytest.approx(float(plain(t // 8 * 8)), rel=1e-6)
+    assert float(stair(9)) != pytest.approx(float(plain(9)), rel=1e-3)
+    prog = get_program(RunConfig(**base, lr_schedule_kwargs={"every": "epoch"}))
+    per_epoch = prog.n_worker_samples / (4 * 10)
+    epochs = max(1, round(40 / per_epoch))
+    ep = prog.lr_schedule(0.5)
+    for t in range(40):
+        i = min(math.floor(t / per_epoch), epochs - 1)
+        assert float(ep(t)) == pytest.approx(0.25 * (1 + math.cos(math.pi * i / epochs)), rel=1e-6)
+    with pytest.raises(ConfigError, match="every"):
+        check(RunConfig(**base, lr_schedule_kwargs={"every": 0}))
+    with pytest.raises(ConfigError, match="every"):
+        check(RunConfig(**{**base, "lr_schedule": "inverse_time"}, lr_schedule_kwargs={"every": "epoch"}))
+
+
+def test_augment_option_runs_and_keeps_old_run_ids():
+    from jbyz.registry import ConfigError
+
+    base = dict(dataset="digits", n_workers=4, f_real=1, attack="alie", steps=20, eval_every=20,
+                diagnostics=False)
+    cfg = RunConfig(**base)
+    # a field added later is left out of the hash at its default: earlier run ids still hold
+    import hashlib
+    import json
+
+    d = cfg.to_dict()
+    del d["augment"]
+    assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert RunConfig(**base, augment="flip").config_hash() != cfg.config_hash()
+    a = run(RunConfig(**base, augment="flip"), progress=False)
+    b = run(cfg, progress=False)
+    assert np.isfinite(a.final_accuracy) and a.final_accuracy > 0.3
+    assert not np.allclose(np.asarray(a.history[-1]["test_loss"]), np.asarray(b.history[-1]["test_loss"]))
+    with pytest.raises(ConfigError, match="image"):
+        run(RunConfig(**{**base, "dataset": "synthetic_classification", "model": "logreg"}, augment="flip"),
+            progress=False)
+    with pytest.raises(ConfigError, match="augment"):
+        check(RunConfig(**base, augment="mixup"))

@@ -164,11 +164,15 @@ def fmnist():
     tab = (last.groupby(["aggregator", "attack", "clipping"])
            .agg(final_acc_mean=("test_accuracy", "mean"), final_acc_min=("test_accuracy", "min"),
                 final_acc_max=("test_accuracy", "max"), seeds=("seed", "nunique"),
-                byz_majority_rounds=("byz_majority_rounds", "mean"))
+                byz_majority_rounds=("byz_majority_rounds", "mean"),
+                diverged=("test_loss", lambda v: int((~np.isfinite(v)).sum())))
            .reset_index())
+    # diverged: seeds whose final test loss is NaN/inf (the model's outputs are NaN; its
+    # "accuracy" is then the share of the class argmax(NaN) = 0 picks, 8.2 % of this test subset)
     best = (df.groupby(["aggregator", "attack", "clipping", "seed"]).test_accuracy.max()
             .groupby(["aggregator", "attack", "clipping"]).mean().rename("best_acc_mean"))
     tab = tab.merge(best.reset_index(), on=["aggregator", "attack", "clipping"])
+    tab["diverged"] = tab["diverged"].astype(str) + " of " + tab["seeds"].astype(str)
     (HERE / "results" / "fmnist_summary.md").write_text(_markdown(tab, ".3f"))
     print(tab.to_string(index=False))
 

@@ -18,8 +18,9 @@ FC 512 -> 10), a smaller CNN than the paper's (conv32-conv64-FC9216-128) to fit 
 
 One round is one compiled program per (attack, aggregator), with clipping on/off and the number
 of Byzantine clients as traced arguments (the no-attack reference is the shift-back program with
-f_real = 0), driven by a Python loop: on XLA:CPU the conv gradients ran ~3x slower inside a
-``lax.scan`` body than at top level, and vmap over runs is slower than a loop for convolutions
+f_real = 0), driven by a Python loop: when this was written the conv gradients ran ~3x slower
+inside a ``lax.scan`` body than at top level on XLA:CPU (fixed in ``jbyz.models`` since, see
+benchmarks/NOTES_cnn.md), and vmap over runs is slower than a loop for convolutions
 (shared/perf-notes.md). Seeds run one after the other.
 
 Run (from the repository root):

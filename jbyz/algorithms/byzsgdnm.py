@@ -61,8 +61,9 @@ def epoch_cosine_schedule(lr0: float, epochs: int, steps_per_epoch: float) -> op
     compute budget ``steps_per_epoch = N_k / B`` (``N_k`` samples per worker) need not be an
     integer; it may be a float.
 
-    Note: the simulator's ``lr_schedule = "cosine"`` is optax's per-*step* cosine decay to 0 over
-    the run, the continuous version of this staircase.
+    In a run configuration: ``lr_schedule = "cosine"`` with ``lr_schedule_kwargs = {every =
+    "epoch"}`` (without it, ``"cosine"`` is optax's per-*step* decay to 0 over the run, the
+    continuous version of this staircase).
     """
     if epochs < 1 or not steps_per_epoch > 0:
         raise ValueError(f"epochs must be >= 1 and steps_per_epoch > 0, got {epochs}, {steps_per_epoch}")
