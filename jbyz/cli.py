@@ -70,8 +70,13 @@ def select(runs, only):
         field, values = item.split("=", 1)
         if field not in FIELDS:
             raise ConfigError(f"--only: unknown field {field!r}; valid: {', '.join(sorted(FIELDS))}")
-        allowed = {v.strip() for v in values.split(",")}
-        out = [r for r in out if str(getattr(r, field)) in allowed]
+        allowed = {v.strip().lower() for v in values.split(",")}  # true/True alike
+        kept = [r for r in out if str(getattr(r, field)).lower() in allowed]
+        if out and not kept:
+            seen = sorted({str(getattr(r, field)) for r in out})
+            raise ConfigError(f"--only {item} matches none of the {len(out)} grid points left; "
+                              f"values of {field} there: {', '.join(seen[:20])}")
+        out = kept
     return out
 
 

@@ -12,9 +12,10 @@ a batch runs all its steps as one vmapped program (``jax.lax.map`` over runs wit
 mesh with one ``"runs"`` axis by :func:`jax.shard_map`, and its results are written atomically
 as one Parquet part file the moment it finishes.
 
-Resume: :func:`run_grid` skips every batch whose part file exists, so a killed grid continues
-where it stopped and the final table equals an uninterrupted run (batch compositions are a
-function of the grid alone). Part files carry the jbyz / jax versions and the device kind;
+Resume: :func:`run_grid` skips every run that has rows in a part file and batches the rest
+anew, so a killed grid continues where it stopped, and a grid resumes after a subset of it ran
+(``jbyz run --only ...``) or the batch size or device count changed. The final table equals an
+uninterrupted run (a run's result does not depend on the runs batched with it). Part files carry the jbyz / jax versions and the device kind;
 parts from another jbyz version are refused rather than mixed.
 
 Multi-process: after ``jax.distributed.initialize(...)`` on every host, the same call builds
@@ -424,9 +425,11 @@ def _rows_to_frame(batch: Batch, rows: list[dict], meta: dict):
     return results_mod.tidy(df)
 
 
-def _finished(parts_dir: Path, meta: dict) -> dict[str, Path]:
-    """Batch ids with a part file; refuses parts written by another jbyz version."""
-    done, changed = {}, set()
+def _finished(parts_dir: Path, meta: dict) -> set[str]:
+    """Run ids with rows in a part file; refuses parts written by another jbyz version."""
+    import pyarrow.parquet as pq
+
+    done, changed = set(), set()
     if not parts_dir.exists():
         return done
     for p in sorted(parts_dir.glob("*.parquet")):
@@ -438,7 +441,7 @@ def _finished(parts_dir: Path, meta: dict) -> dict[str, Path]:
                 f"Use another output directory, or delete {parts_dir} to recompute.")
         if m.get("jbyz_source") != meta.get("jbyz_source"):
             changed.add(m.get("jbyz_source"))
-        done[p.stem] = p
+        done.update(pq.read_table(p, columns=["run_id"]).column("run_id").to_pylist())
     if changed:
         import warnings
 
@@ -491,24 +494,28 @@ def run_grid(configs: Sequence[RunConfig], out_dir: str | Path, options: GridOpt
             inv = pd.DataFrame([{**c.to_dict(), "reason": "; ".join(e)} for c, e in pl.invalid])
             results_mod.tidy(inv).to_csv(out / "invalid.csv", index=False)
             log(f"skipping {len(pl.invalid)} invalid point(s); reasons in {out / 'invalid.csv'}")
-    done = _finished(parts, meta)
+    # Resume by run: a run with rows in any finished part is not recomputed, whatever batch it
+    # was in (so a grid resumes after --only filters, other device counts or batch sizes change).
+    done_runs = _finished(parts, meta)
+    flags = np.array([c.config_hash() in done_runs for c in pl.configs], np.int32)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        flags = np.array([b.batch_id in done for b in pl.batches], np.int32)
         flags = multihost_utils.broadcast_one_to_all(flags)
-        todo = [b for b, f in zip(pl.batches, flags) if not f]
-    else:
-        todo = [b for b in pl.batches if b.batch_id not in done]
-    n_done_runs = sum(len(b.configs) for b in pl.batches) - sum(len(b.configs) for b in todo)
-    log(pl.describe() + (f"\nresuming: {len(pl.batches) - len(todo)} batch(es) "
-                         f"({n_done_runs} runs) already finished" if len(todo) < len(pl.batches) else ""))
+    n_done_runs = int(flags.sum())
+    pl_todo = pl
+    if n_done_runs:
+        pl_todo = plan([c for c, f in zip(pl.configs, flags) if not f], options, ndev)
+    todo = pl_todo.batches
+    log(pl.describe() + (f"\nresuming: {n_done_runs} of {len(pl.configs)} runs already finished; "
+                         f"{len(todo)} batch(es) to go" if n_done_runs else ""))
     total = sum(b.steps for b in pl.batches)
-    bar = tqdm(total=total, initial=total - sum(b.steps for b in todo), unit="run-step",
+    left = sum(b.steps for b in todo)
+    bar = tqdm(total=total, initial=total - left, unit="run-step",
                desc=f"{len(pl.configs)} runs", disable=not (progress and main), smoothing=0.05)
     runs_done = n_done_runs
     for batch in todo:
-        g = pl.groups[batch.group]
+        g = pl_todo.groups[batch.group]
         prog = get_program(g.configs[0], g.n_max, g.grad_rows)
         bar.set_postfix(runs=f"{runs_done}/{len(pl.configs)}", group=batch.group)
         rows = run_batch(prog, batch, options, ndev, bar=bar,

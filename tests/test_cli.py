@@ -75,3 +75,25 @@ def test_quickstart_main_job_end_to_end(tmp_path):
     assert acc[("mean", "none")] > 0.9
     assert acc[("mean", "sign_flip")] < 0.3          # the attack hurts the mean ...
     assert acc[("median", "sign_flip")] > 0.85       # ... and a robust rule holds
+
+
+def test_only_filters_runs_and_explains_misses():
+    from jbyz.cli import select
+    from jbyz.config import load_experiment
+    from jbyz.registry import ConfigError
+
+    runs = load_experiment(text="""
+[run]
+dataset = "digits"
+[sweep]
+seed = [1, 2, 3]
+normalize = [true, false]
+lr = [0.1, 0.05]
+""").runs()
+    assert len(select(runs, ["normalize=true"])) == 6  # as TOML spells it
+    assert len(select(runs, ["normalize=True", "seed=1,3"])) == 4
+    assert {r.lr for r in select(runs, ["lr=0.05"])} == {0.05}
+    with pytest.raises(ConfigError, match="values of seed there: 1, 2, 3"):
+        select(runs, ["seed=7"])
+    with pytest.raises(ConfigError, match="unknown field 'sed'"):
+        select(runs, ["sed=1"])

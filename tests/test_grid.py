@@ -153,6 +153,27 @@ def test_parts_from_another_version_are_refused(reference, tmp_path):
                       progress=False, log=None)
 
 
+def test_resume_is_per_run_across_subsets_and_batch_sizes(reference, tmp_path):
+    """Runs finished by a subset (as `jbyz run --only ...`) with another batch size are not
+    recomputed by the whole grid, and the table equals the uninterrupted one."""
+    _, ref = reference
+    configs = _grid_configs()
+    subset = [c for c in configs if c.seed == 0]
+    msgs = []
+    grid.run_grid(subset, tmp_path, grid.GridOptions(runs_per_call=1), progress=False, log=None)
+    first = {p.name for p in (tmp_path / "parts").glob("*.parquet")}
+    assert len(first) == len(subset)  # one run per batch
+    table = grid.run_grid(configs, tmp_path, grid.GridOptions(runs_per_call=3), progress=False,
+                          log=msgs.append)
+    assert any(f"{len(subset)} of {len(configs)} runs already finished" in m for m in msgs), msgs
+    parts = {p.name for p in (tmp_path / "parts").glob("*.parquet")}
+    new = [pd.read_parquet(tmp_path / "parts" / n) for n in parts - first]
+    recomputed = set(pd.concat(new)["run_id"]) & {c.config_hash() for c in subset}
+    assert not recomputed
+    assert set(table["run_id"]) == {c.config_hash() for c in configs}
+    np.testing.assert_allclose(_metrics(table), _metrics(ref), rtol=1e-5, atol=1e-6)
+
+
 def _write_toml(tmp_path):
     p = tmp_path / "grid.toml"
     p.write_text(GRID_TOML)
