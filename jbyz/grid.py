@@ -15,7 +15,8 @@ as one Parquet part file the moment it finishes.
 Resume: :func:`run_grid` skips every run that has rows in a part file and batches the rest
 anew, so a killed grid continues where it stopped, and a grid resumes after a subset of it ran
 (``jbyz run --only ...``) or the batch size or device count changed. The final table equals an
-uninterrupted run (a run's result does not depend on the runs batched with it). Part files carry the jbyz / jax versions and the device kind;
+uninterrupted run (a run's result does not depend on the runs batched with it). Part files
+carry the jbyz / jax versions and the device kind;
 parts from another jbyz version are refused rather than mixed.
 
 Multi-process: after ``jax.distributed.initialize(...)`` on every host, the same call builds
