@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbyz import _sorting as S
 from jbyz.registry import ConfigError, Registry
 from jbyz.types import Array, Attack, State
 
@@ -74,6 +75,7 @@ __all__ = [
 ATTACKS = Registry("attack")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_MATERIALIZE_MU_MIN_N = 24  # see honest_mean_std
 
 # ALIE's quantile is clipped to [_P_EPS, 1 - _P_EPS] so that z stays finite (|z| <= ~4.75) when
 # the Byzantine workers are a majority and Baruch's formula leaves (0, 1).
@@ -86,11 +88,20 @@ _P_EPS = 1e-6
 
 
 def honest_mean_std(x: Array, honest: Array, with_std: bool = True) -> tuple[Array, Array | None]:
-    """Masked mean and unbiased coordinate-wise std of the honest rows.
+    r"""Masked mean and unbiased coordinate-wise std of the honest rows.
 
-    The reductions over the worker axis are ``(1, n) @ (n, d)`` matmuls with
-    ``precision="highest"`` (XLA:CPU reduces a leading axis slowly); non-honest rows are zeroed
-    first so that NaN/Inf in padding rows cannot leak in.
+    .. math:: \mu = \frac{1}{n_h} \sum_{i \in H} x_i, \qquad
+              \sigma = \sqrt{\frac{1}{n_h - 1} \sum_{i \in H} (x_i - \mu)^2}
+
+    Both sums are unrolled over the (static) worker count as element-wise row sums
+    (:func:`jbyz._sorting.weighted_row_sum`): one contiguous pass over ``[n, d]`` each, and a
+    non-honest row (NaN or Inf included) contributes exactly 0. From ``n >= 24`` on, ``mu`` is
+    materialised (:func:`jbyz._sorting.materialize`) before the deviations; otherwise XLA:CPU
+    fuses the whole n-row mean into every one of the ``n`` deviation rows (n^2 row reads).
+    Measured (Fashion-MNIST MLP, ALIE, worker momentum, ratio of the step to the bare-gradient
+    floor, mean / median rule): n = 51: 1.63 / 1.95 with the earlier masked ``(1, n) @ (n, d)``
+    matmuls, 1.47 / 1.79 materialised, 3.28 / 3.87 not; n = 10: 1.47 / 1.54 matmuls,
+    1.49 / 1.50 materialised, 1.21 / 1.29 not (the rows are in cache).
 
     Args:
       x: ``[n, d]`` worker vectors.
@@ -103,12 +114,13 @@ def honest_mean_std(x: Array, honest: Array, with_std: bool = True) -> tuple[Arr
     x = x.astype(jnp.float32)
     w = honest.astype(jnp.float32)
     n_h = jnp.sum(w)
-    xh = jnp.where(honest[:, None], x, 0.0)
-    mu = jnp.matmul(w[None, :], xh, precision=_HIGHEST)[0] / jnp.maximum(n_h, 1.0)
+    mu = S.weighted_row_sum(w, x) / jnp.maximum(n_h, 1.0)
     if not with_std:
         return mu, None
-    dev = jnp.where(honest[:, None], x - mu, 0.0)
-    var = jnp.matmul(w[None, :], dev * dev, precision=_HIGHEST)[0] / jnp.maximum(n_h - 1.0, 1.0)
+    if x.shape[0] >= _MATERIALIZE_MU_MIN_N:
+        mu = S.materialize(mu)
+    dev = [jnp.square(x[i] - mu) for i in range(x.shape[0])]
+    var = S.weighted_row_sum(w, dev) / jnp.maximum(n_h - 1.0, 1.0)
     return mu, jnp.sqrt(var)
 
 
