@@ -243,6 +243,12 @@ def budget_steps(cfg: RunConfig) -> int:
     return max(1, -(-int(cfg.compute_budget) // (cfg.batch_size * honest)))
 
 
+def per_epoch_schedule(cfg: RunConfig) -> bool:
+    """Whether the lr schedule counts epochs (``cosine`` with ``every = "epoch"``), so that its
+    period depends on ``n_workers`` and the dataset size, not on ``steps`` alone."""
+    return cfg.lr_schedule == "cosine" and dict(cfg.lr_schedule_kwargs).get("every") == "epoch"
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Returns every problem with ``cfg`` (empty when it is runnable). Builds no data or model."""
     from jbyz import aggregators, attacks, data, models, preaggregators  # noqa: F401  (registries)

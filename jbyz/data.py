@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbyz.config import CHOICES
 from jbyz.registry import ConfigError, Registry
 
 DATASETS = Registry("dataset")
@@ -786,8 +787,9 @@ def augment_images(key, x, kind: str, pad: int = 4):
     """
     if kind == "none":
         return x
-    if kind not in ("flip", "crop_flip"):
-        raise ConfigError(f"unknown augmentation {kind!r}; valid: 'none', 'flip', 'crop_flip'")
+    valid = CHOICES["augment"]  # the one list of augmentation names (RunConfig.augment)
+    if kind not in valid:
+        raise ConfigError(f"unknown augmentation {kind!r}; valid: {', '.join(map(repr, valid))}")
     shape = x.shape
     x = x.reshape((-1,) + shape[-3:])
     b, h, w, _ = x.shape

@@ -35,7 +35,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jbyz import aggregators, attacks, data, models, preaggregators, transforms
-from jbyz.config import RunConfig, _norm_pre, check
+from jbyz.config import RunConfig, _norm_pre, check, per_epoch_schedule
 from jbyz.registry import ConfigError
 from jbyz.types import byzantine_mask
 
@@ -151,7 +151,7 @@ def static_key(cfg: RunConfig, *, pad_workers: bool = False) -> str:
     d["clip_per_worker"] = cfg.clip_per_worker is not None
     d["first_k"] = cfg.first_k is not None
     d["compute_budget"] = None  # it only decides `steps`, which is in the key
-    if not pad_workers or dict(cfg.lr_schedule_kwargs).get("every") == "epoch":
+    if not pad_workers or per_epoch_schedule(cfg):
         d["n_workers"] = cfg.n_workers  # (a per-epoch schedule's epoch length depends on it)
     if cfg.split == "dirichlet":
         d["dirichlet_alpha"] = "dynamic"
@@ -281,7 +281,7 @@ class Program:
         cfg = self.cfg
         if cfg.lr_schedule == "cosine":
             every = dict(cfg.lr_schedule_kwargs).get("every", 1)
-            if every == "epoch":  # Yang et al.: (lr0 / 2)(1 + cos(i pi / E)) in epoch i
+            if per_epoch_schedule(cfg):  # Yang et al.: (lr0 / 2)(1 + cos(i pi / E)) in epoch i
                 from jbyz.algorithms.byzsgdnm import epoch_cosine_schedule
 
                 per_epoch = self.n_worker_samples / (cfg.n_workers * cfg.batch_size)
