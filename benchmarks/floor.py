@@ -13,6 +13,7 @@ fraction of the CPU's ~200 GFLOP/s fp32 peak.
     python benchmarks/floor.py --quick
     python benchmarks/floor.py --R 1 8 --rules mean median trimmed_mean krum --width 1
     python benchmarks/floor.py --R 64 --rules median --width 1 --steps 30
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/floor.py --R 8 --width 1 --devices 2
 
 Writes ``benchmarks/results/floor.json`` (merged by key).
 """
@@ -35,7 +36,7 @@ from _bench import (RESULTS, floor_chunk, interleaved, load, meta, mlp_flop_per_
 PEAK_GFLOPS = 200.0
 
 
-def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp"):
+def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp", devices: int = 1):
     import jax
     import jax.numpy as jnp
 
@@ -46,7 +47,7 @@ def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp"):
     prog = get_program(cfgs[0], dataset=ds)
     w = max(prog.split_width(c) for c in cfgs)
     inp = jax.tree.map(jnp.asarray, _stack([prog.inputs(c, w) for c in cfgs]))
-    runner = BatchRunner(prog, R, GridOptions(vmap_width=width), 1)
+    runner = BatchRunner(prog, R, GridOptions(vmap_width=width, devices=devices), devices)
     ini = runner.init_fn()
     t = time.perf_counter()
     fn = runner.chunk_fn(steps, (ini(inp), jnp.int32(0), inp, prog.train))
@@ -58,13 +59,26 @@ def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp"):
 
     fc = floor_chunk(prog, steps)
     train = prog.train
-    fl_fn = jax.jit(over_runs(lambda p, i: fc(p, i, train), R, width))
+    per_dev = R // devices
+    fl_body = over_runs(lambda p, i: fc(p, i, train), per_dev, min(width, per_dev))
+    if devices > 1:  # the floor sharded over the same "runs" mesh as the grid
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((devices,), ("runs",), devices=jax.devices()[:devices])
+        fl_body = jax.shard_map(fl_body, mesh=mesh, in_specs=(P("runs"), P("runs")),
+                                out_specs=(P("runs"), P("runs")), check_vma=False)
+        from jax.sharding import NamedSharding
+
+        f_inp = jax.device_put(inp, NamedSharding(mesh, P("runs")))
+    else:
+        f_inp = inp
+    fl_fn = jax.jit(fl_body)
     t = time.perf_counter()
-    fl_c = fl_fn.lower(inp.params0, inp).compile()
+    fl_c = fl_fn.lower(f_inp.params0, f_inp).compile()
     c_floor = time.perf_counter() - t
 
     def fl():
-        jax.block_until_ready(fl_c(inp.params0, inp))
+        jax.block_until_ready(fl_c(f_inp.params0, f_inp))
 
     return jb, fl, dict(compile_jbyz_s=c_jbyz, compile_floor_s=c_floor, width=runner.width)
 
@@ -76,6 +90,9 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=None, help="vmap width (default: R, i.e. vmap)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--devices", type=int, default=1,
+                    help="shard the runs over this many devices, grid and floor alike (on CPU with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N: one device per core)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--key", default=None)
     ap.add_argument("--out", default=str(RESULTS / "floor.json"))
@@ -93,7 +110,9 @@ def main(argv=None):
     for R in args.R:
         width = args.width or R
         for rule in args.rules:
-            jb, fl, info = build(rule, R, width, args.steps, ds)
+            if R % args.devices:
+                sys.exit(f"--R {R} is not a multiple of --devices {args.devices}")
+            jb, fl, info = build(rule, R, width, args.steps, ds, devices=args.devices)
             res = interleaved({"floor": fl, "jbyz": jb}, args.repeats)
             f_rs = R * args.steps / res["floor"]["median_s"]
             j_rs = R * args.steps / res["jbyz"]["median_s"]
@@ -114,7 +133,8 @@ def main(argv=None):
                   flush=True)
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else {}
-    key = args.key or ("quick" if args.quick else f"R{'-'.join(map(str, args.R))}:w{args.width or 'R'}")
+    key = args.key or ("quick" if args.quick else f"R{'-'.join(map(str, args.R))}:w{args.width or 'R'}"
+                                          + (f":d{args.devices}" if args.devices > 1 else ""))
     old[key] = dict(meta=meta(), flop_per_step=flop, rows=rows)
     write_json(out, old)
     print(f"wrote {out} [{key}]")

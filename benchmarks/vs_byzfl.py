@@ -35,6 +35,8 @@ machine its two threads wait for each other at every op and it collapses (0.95 s
     python benchmarks/vs_byzfl.py --workloads mlp --grids 8 64 --widths 1 auto
     python benchmarks/vs_byzfl.py --workloads cnn --grids --out benchmarks/results/vs_byzfl_cnn.json
     python benchmarks/vs_byzfl.py --workloads cnn --quick --out /tmp/vs_byzfl_cnn_smoke.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/vs_byzfl.py \
+        --workloads mlp --grids 64 --widths 1 --devices 2      # runs sharded over both cores
 
 Writes ``benchmarks/results/vs_byzfl.json`` (``--quick``: ``vs_byzfl_quick.json``), or ``--out``.
 """
@@ -98,7 +100,7 @@ class Jbyz:
     """jbyz's single-run program and grid runners for one workload, compiled once."""
 
     def __init__(self, wl: str, aggregator: str, steps: int, grids: list[int], widths: list[str], ds,
-                 single_runs: int = 8):
+                 single_runs: int = 8, devices: int = 1):
         import jax
         import jax.numpy as jnp
 
@@ -131,8 +133,8 @@ class Jbyz:
             w = max(prog.split_width(c) for c in cfgs)
             inp = jax.tree.map(jnp.asarray, _stack([prog.inputs(c, w) for c in cfgs]))
             for width in widths:
-                opts = GridOptions(vmap_width=None if width == "auto" else int(width))
-                runner = BatchRunner(prog, R, opts, 1)
+                opts = GridOptions(vmap_width=None if width == "auto" else int(width), devices=devices)
+                runner = BatchRunner(prog, R, opts, devices)
                 ini = runner.init_fn()
                 t = time.perf_counter()
                 fn = runner.chunk_fn(steps, (ini(inp), jnp.int32(0), inp, prog.train))
@@ -141,7 +143,8 @@ class Jbyz:
                 def go(fn=fn, ini=ini, inp=inp):
                     c, _ = fn(ini(inp), jnp.int32(0), inp, prog.train)
                     jax.block_until_ready(c.params)
-                self.fns[("grid", R, f"{width}->{runner.width}")] = go
+                tag = f"{width}->{runner.width}" + (f" x{devices}dev" if devices > 1 else "")
+                self.fns[("grid", R, tag)] = go
 
     def time_all(self, repeats: int, warm: bool = True) -> list[dict]:
         out = []
@@ -188,6 +191,9 @@ def main(argv=None):
                          "ByzFL's 50)")
     ap.add_argument("--rounds", type=int, default=2, help="ByzFL / jbyz alternations (dm: 1)")
     ap.add_argument("--repeats", type=int, default=1, help="jbyz timed calls per round")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="grids: shard the runs over this many devices (on CPU start with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N: one device per core)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None,
                     help="default benchmarks/results/vs_byzfl.json (--quick: vs_byzfl_quick.json)")
@@ -222,7 +228,7 @@ def main(argv=None):
               f"{flop / 1e6:.1f} MFLOP of gradients a step", flush=True)
         t = time.perf_counter()
         jb = Jbyz(wl, args.aggregator, jsteps, grids,
-                  args.widths if wl == "mlp" else args.widths[:1], ds, single_runs)
+                  args.widths if wl == "mlp" else args.widths[:1], ds, single_runs, args.devices)
         print(f"jbyz compiled in {time.perf_counter() - t:.1f}s: "
               + ", ".join(f"{k} {v:.1f}s" for k, v in jb.compile_s.items()), flush=True)
         byz, jrows = [], []

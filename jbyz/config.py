@@ -56,7 +56,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Fields added after results were first published, with a default that reproduces the earlier
 # behaviour: left out of the config hash (a run's id) while at that default, so results computed
 # before a field existed keep their ids and a grid still resumes.
-_HASH_OMIT_AT_DEFAULT = {"augment": "none"}
+_HASH_OMIT_AT_DEFAULT = {"augment": "none", "curvature_window": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +93,11 @@ class RunConfig:
       eval_every: evaluate on the test set every this many steps.
       diagnostics: record the per-step robustness diagnostics (variance-norm ratio of honest
         vectors, distance and cosine between the aggregate and the honest mean).
+      curvature_window: ``K``: also record El Mhamdi et al.'s "composite curvature"
+        :math:`s_t = \\mu \\sum_{i=0}^{K-1} \\mu^i \\langle \\bar g_t, \\bar g_{t-1-i} \\rangle` per
+        step (metric ``composite_curvature``), with :math:`\\bar g_t` the mean of the honest
+        workers' gradients and :math:`\\mu` the momentum; their code uses K = 150 (MNIST) and 25
+        (CIFAR). Keeps the last ``K`` mean gradients (``K x d`` floats per run). ``None``: off.
       grad_method: how per-worker gradients are formed: ``vmap``, ``unroll`` (a loop over the
         static worker count; fastest for CNNs on XLA:CPU), ``map`` (``lax.map``), or ``auto``
         (``unroll`` for conv models on CPU, ``vmap`` otherwise); see ``benchmarks/NOTES_cnn.md``.
@@ -155,6 +160,7 @@ class RunConfig:
     server_validation: int = 0
     compute_budget: int | None = None
     augment: str = "none"
+    curvature_window: int | None = None
     seed: int = 0
 
     @property
@@ -285,6 +291,10 @@ def validate(cfg: RunConfig) -> list[str]:
     if "every" in allowed and not ok_every:
         errors.append(f"lr_schedule_kwargs every={every!r} must be an integer >= 1"
                       + (" or 'epoch'" if cfg.lr_schedule == "cosine" else ""))
+    cw = cfg.curvature_window
+    if cw is not None and (not isinstance(cw, int) or isinstance(cw, bool) or cw < 1):
+        errors.append(f"curvature_window must be an integer >= 1 (steps of gradient history, e.g. "
+                      f"150 as El Mhamdi et al. on MNIST) or omitted, got {cw!r}")
     if not (cfg.lr > 0):
         errors.append(f"lr must be > 0, got {cfg.lr}")
     if not (0.0 <= cfg.momentum < 1.0):

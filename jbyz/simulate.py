@@ -59,6 +59,7 @@ class Carry(NamedTuple):
     server_state: Any
     proto_state: Any  # the latency model's per-run state (per-worker speeds)
     clock: jax.Array  # simulated wall-clock time
+    curvature: Any = ()  # CurvatureState when cfg.curvature_window is set
 
 
 class Dyn(NamedTuple):
@@ -307,8 +308,9 @@ class Program:
         if self.latency is not None:
             key = jax.random.fold_in(jax.random.key(inp.dyn.seed), 0x5EED_1A7)
             proto = self.latency.init(key, self.n)
+        curv = () if self.cfg.curvature_window is None else curvature_init(self.cfg.curvature_window, p)
         return Carry(p, jax.tree.map(jnp.asarray, inp.model_state0), *(tx.init(p) for tx in txs),
-                     proto, jnp.zeros([], jnp.float32))
+                     proto, jnp.zeros([], jnp.float32), curv)
 
     # ------------------------------------------------------------------ the step
     def _loss(self, flat, mstate, x, y, key, wd):
@@ -381,8 +383,13 @@ class Program:
         metrics["train_loss"] = jnp.sum(w_h * losses)
         if cfg.diagnostics:
             metrics.update(_diagnostics(sent, agg, honest))
+        curv = carry.curvature
+        if cfg.curvature_window is not None:
+            g_bar = jnp.tensordot(w_h, grads, axes=1)  # the honest workers' mean gradient
+            mu = dyn.momentum if self.momentum_on else jnp.zeros([], jnp.float32)
+            curv, metrics["composite_curvature"] = curvature_update(curv, g_bar, t, mu)
         new = Carry(params, model_state, worker_state, byz_state, agg_state, server_state,
-                    carry.proto_state, clock)
+                    carry.proto_state, clock, curv)
         return new, metrics
 
     def _server_gradient(self, carry, step_key, train, dyn):
@@ -503,6 +510,47 @@ def evaluate_flat(model, unravel, task: str, params, mstate, x, y, chunk: int = 
     shape = lambda a: a.reshape((-1, chunk) + a.shape[1:])
     losses, corrects = jax.lax.map(one, (shape(xp), shape(yp), shape(m)))
     return {"test_loss": jnp.sum(losses) / N, "test_accuracy": jnp.sum(corrects) / N}
+
+
+class CurvatureState(NamedTuple):
+    history: jax.Array  # [K, d]: slot t mod K holds the mean gradient of step t
+
+
+def curvature_init(window: int, params) -> CurvatureState:
+    return CurvatureState(jnp.zeros((int(window),) + jnp.shape(params), jnp.float32))
+
+
+def curvature_update(state: CurvatureState, g_bar, t, mu) -> tuple[CurvatureState, jax.Array]:
+    r"""El Mhamdi et al.'s composite curvature of step ``t`` and the updated gradient history.
+
+    .. math:: s_t = \mu \sum_{i=0}^{K-1} \mu^i \langle \bar g_t, \bar g_{t-1-i} \rangle
+
+    over the ``K`` previous steps that exist (fewer for ``t < K``; 0 at ``t = 0``), ``\bar g``
+    being the honest workers' mean gradient and ``\mu`` the momentum: the inner product of
+    the new gradient with the momentum the past gradients built up, i.e. how much the
+    momentum's direction agrees with the current gradient (ICLR 2021, §4, from their code's
+    diagnostic). Exact: one ``[K, d] @ [d]`` product a step, no running sum to drift.
+
+    Args:
+      state: the last ``K`` mean gradients.
+      g_bar: ``[d]``, this step's mean honest gradient.
+      t: the step (traced int).
+      mu: the momentum coefficient (traced).
+
+    Returns:
+      ``(new state, s_t)``.
+    """
+    hist = state.history
+    K = hist.shape[0]
+    g = g_bar.astype(jnp.float32).reshape(-1)
+    slots = jnp.arange(K)
+    lag = (t - slots - 1) % K + 1  # slot j holds step t - lag_j ...
+    filled = lag <= t  # ... if that step exists
+    coef = jnp.where(filled, mu ** lag.astype(jnp.float32), 0.0)  # mu * mu^(lag - 1)
+    dots = jnp.matmul(hist.reshape(K, -1), g, precision=jax.lax.Precision.HIGHEST)
+    s = jnp.sum(coef * dots)
+    new = hist.at[t % K].set(g.reshape(hist.shape[1:]))
+    return CurvatureState(new), s
 
 
 def _diagnostics(sent, agg, honest) -> dict[str, jax.Array]:

@@ -138,7 +138,7 @@ def test_augment_option_runs_and_keeps_old_run_ids():
     import json
 
     d = cfg.to_dict()
-    del d["augment"]
+    del d["augment"], d["curvature_window"]
     assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert RunConfig(**base, augment="flip").config_hash() != cfg.config_hash()
     a = run(RunConfig(**base, augment="flip"), progress=False)
@@ -150,3 +150,42 @@ def test_augment_option_runs_and_keeps_old_run_ids():
             progress=False)
     with pytest.raises(ConfigError, match="augment"):
         check(RunConfig(**base, augment="mixup"))
+
+
+def test_composite_curvature_matches_brute_force():
+    import jax
+    import jax.numpy as jnp
+
+    from jbyz.simulate import curvature_init, curvature_update
+
+    rng = np.random.default_rng(0)
+    K, d, T, mu = 4, 7, 11, 0.8
+    gs = rng.normal(size=(T, d)).astype(np.float32)
+    upd = jax.jit(curvature_update)
+    state = curvature_init(K, jnp.zeros(d))
+    for t in range(T):
+        state, s = upd(state, jnp.asarray(gs[t]), jnp.int32(t), jnp.float32(mu))
+        # s_t = mu * sum_{i=0}^{K-1} mu^i <g_t, g_{t-1-i}> over the steps that exist
+        want = mu * sum(mu ** i * float(gs[t] @ gs[t - 1 - i]) for i in range(K) if t - 1 - i >= 0)
+        np.testing.assert_allclose(float(s), want, rtol=1e-5, atol=1e-5)
+    _, s0 = upd(state, jnp.asarray(gs[0]), jnp.int32(T), jnp.float32(0.0))
+    assert float(s0) == 0.0
+
+
+def test_composite_curvature_in_a_run_and_config_checks():
+    from jbyz.registry import ConfigError
+
+    base = dict(dataset="digits", n_workers=5, f_real=1, attack="alie", steps=12, eval_every=4,
+                momentum=0.9, diagnostics=False)
+    cfg = RunConfig(**base, curvature_window=3)
+    assert cfg.config_hash() != RunConfig(**base).config_hash()
+    hist = run(cfg, progress=False).history
+    vals = [h["composite_curvature"] for h in hist[1:]]
+    assert all(np.isfinite(v) for v in vals) and any(v != 0 for v in vals), hist
+    # without momentum the discount mu is 0, so the curvature is exactly 0
+    flat = run(RunConfig(**{**base, "momentum": 0.0}, curvature_window=3), progress=False).history
+    assert all(h["composite_curvature"] == 0.0 for h in flat[1:])
+    assert "composite_curvature" not in run(RunConfig(**base), progress=False).history[-1]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="curvature_window"):
+            check(RunConfig(**base, curvature_window=bad))

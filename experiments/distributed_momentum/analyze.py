@@ -9,8 +9,9 @@ attacked configuration and seed, with ``ref`` the max accuracy of the matching u
 * ``loss = ref - acc_update`` (the attack's cost with momentum at the server, "at update");
 * ``gain = acc_worker - acc_update`` (what moving momentum to the workers recovers).
 
-Writes ``results/runs.csv`` (one row per run), ``results/headline.csv``, ``results/pairs.csv``
-and ``results/boxplot.png`` in this folder, and prints the statistics beside the paper's
+Writes ``results/runs.csv`` (one row per run), ``results/headline.csv``, ``results/pairs.csv``,
+``results/cells.csv`` (per GAR x attack x f), ``results/per_seed.csv`` and ``results/boxplot.png``
+in this folder, and prints the statistics beside the paper's
 (spec §4(c)).
 """
 
@@ -84,6 +85,30 @@ def headline(p: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["family", "f", "statistic", "value"])
 
 
+def cells_table(p: pd.DataFrame) -> pd.DataFrame:
+    """Per (GAR, attack, f) cell, over its pairs (2 lr x 2 Nesterov x seeds): mean loss, mean
+    gain, the pairs where worker momentum is worse, and the pairs."""
+    g = p[p["ref"].notna()].copy()
+    g["attack_name"] = g["attack"].astype(str).str.extract(r'"name": "(\w+)"', expand=False).fillna(
+        g["attack"].astype(str))
+    out = g.groupby(["f_real", "aggregator", "attack_name"]).agg(
+        loss=("loss", "mean"), gain=("gain", "mean"), worse=("gain", lambda v: int((v < 0).sum())),
+        pairs=("gain", "size")).reset_index()
+    return out.sort_values(["f_real", "aggregator", "attack_name"], ascending=[False, True, True])
+
+
+def per_seed(p: pd.DataFrame) -> pd.DataFrame:
+    """The headline statistics seed by seed (FC pairs with a reference)."""
+    rows = []
+    for seed, g in p[p["ref"].notna()].groupby("seed"):
+        hurt = g[g["loss"] >= 0.2]
+        rows.append(dict(seed=seed, pairs=len(g), attack_costs_20=(g["loss"] >= 0.2).mean(),
+                         worse=int((g["gain"] < 0).sum()),
+                         recovers_10=(hurt["gain"] >= 0.1).mean() if len(hurt) else np.nan,
+                         recovers_20=(hurt["gain"] >= 0.2).mean() if len(hurt) else np.nan))
+    return pd.DataFrame(rows)
+
+
 def boxplot(df: pd.DataFrame, path: Path) -> None:
     """Max accuracy per GAR, at update vs at the workers, one panel per (dataset, attack, f)."""
     plt = _mpl()
@@ -145,6 +170,10 @@ def main(folder="experiments/distributed_momentum/results/grid", dest=None):
     p.to_csv(dest / "pairs.csv", index=False)
     h = headline(p)
     h.to_csv(dest / "headline.csv", index=False)
+    cells = cells_table(p)
+    cells.to_csv(dest / "cells.csv", index=False)
+    seeds = per_seed(p)
+    seeds.to_csv(dest / "per_seed.csv", index=False)
     boxplot(df, dest / "boxplot.png")
     print(f"{len(runs)} runs ({runs['seed'].nunique()} seed(s)); "
           f"sum of per-run wall time (compilation excluded) {runs['wall_time_s'].sum() / 60:.1f} min")
@@ -154,6 +183,18 @@ def main(folder="experiments/distributed_momentum/results/grid", dest=None):
     worse = p[p["gain"] < 0].sort_values("gain")
     print(f"\npairs where worker momentum is worse: {len(worse)}")
     print(worse[CONFIG + ["acc_update", "acc_worker", "gain"]].head(20).to_string(index=False))
+    print("\nper seed:\n" + seeds.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\nper cell (mean over its pairs):\n"
+          + cells.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    q = p[p["ref"].notna()]
+    print("\nattack costs >= 20 points, by lr:\n"
+          + q.groupby("lr")["loss"].apply(lambda v: (v >= 0.2).mean()).to_string())
+    print("worker momentum better (gain > 0): "
+          f"{int((q['gain'] > 0).sum())} of {len(q)}; where the attack costs >= 20: "
+          f"{(q[q['loss'] >= 0.2]['gain'] > 0).mean():.4f}")
+    ref = runs[runs["attack"] == "none"]["best"]
+    print(f"unattacked references: {len(ref)} runs, max accuracy {ref.min():.4f}-{ref.max():.4f}, "
+          f"median {ref.median():.4f}")
     lr_vnr = runs[runs["attack"] != "none"].groupby(["lr", "momentum_at"])["mean_vnr"].median()
     print("\nmedian over runs of the mean variance-norm ratio:\n" + lr_vnr.to_string())
 
