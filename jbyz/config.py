@@ -94,10 +94,11 @@ class RunConfig:
       diagnostics: record the per-step robustness diagnostics (variance-norm ratio of honest
         vectors, distance and cosine between the aggregate and the honest mean).
       curvature_window: ``K``: also record El Mhamdi et al.'s "composite curvature"
-        :math:`s_t = \\mu \\sum_{i=0}^{K-1} \\mu^i \\langle \\bar g_t, \\bar g_{t-1-i} \\rangle` per
-        step (metric ``composite_curvature``), with :math:`\\bar g_t` the mean of the honest
-        workers' gradients and :math:`\\mu` the momentum; their code uses K = 150 (MNIST) and 25
-        (CIFAR). Keeps the last ``K`` mean gradients (``K x d`` floats per run). ``None``: off.
+        :math:`s_t = \\mu \\sum_{i=0}^{K-1} \\mu^i \\langle \\bar g_t, \\bar g_{t-1-i} \\rangle`
+        per step (metric ``composite_curvature``), with :math:`\\bar g_t` the mean of the
+        honest workers' gradients as they enter the momentum (after ``clip_per_worker``) and
+        :math:`\\mu` the momentum; their code uses K = 150 (MNIST) and 25 (CIFAR). Keeps the
+        last ``K`` mean gradients (``K x d`` floats per run). ``None``: off.
       grad_method: how per-worker gradients are formed: ``vmap``, ``unroll`` (a loop over the
         static worker count; fastest for CNNs on XLA:CPU), ``map`` (``lax.map``), or ``auto``
         (``unroll`` for conv models on CPU, ``vmap`` otherwise); see ``benchmarks/NOTES_cnn.md``.

@@ -385,7 +385,10 @@ class Program:
             metrics.update(_diagnostics(sent, agg, honest))
         curv = carry.curvature
         if cfg.curvature_window is not None:
-            g_bar = jnp.tensordot(w_h, grads, axes=1)  # the honest workers' mean gradient
+            g_in = grads  # the gradients as they enter the momentum: after honest clipping
+            if cfg.clip_per_worker is not None:
+                g_in = transforms.clip_per_worker(dyn.clip, rows).update(grads, ())[0]
+            g_bar = jnp.tensordot(w_h, g_in, axes=1)
             mu = dyn.momentum if self.momentum_on else jnp.zeros([], jnp.float32)
             curv, metrics["composite_curvature"] = curvature_update(curv, g_bar, t, mu)
         new = Carry(params, model_state, worker_state, byz_state, agg_state, server_state,
@@ -526,7 +529,9 @@ def curvature_update(state: CurvatureState, g_bar, t, mu) -> tuple[CurvatureStat
     .. math:: s_t = \mu \sum_{i=0}^{K-1} \mu^i \langle \bar g_t, \bar g_{t-1-i} \rangle
 
     over the ``K`` previous steps that exist (fewer for ``t < K``; 0 at ``t = 0``), ``\bar g``
-    being the honest workers' mean gradient and ``\mu`` the momentum: the inner product of
+    being the honest workers' mean gradient as it enters their momentum (after
+    ``clip_per_worker`` when set: the :math:`g_t` of the update rules) and ``\mu`` the
+    momentum: the inner product of
     the new gradient with the momentum the past gradients built up, i.e. how much the
     momentum's direction agrees with the current gradient (ICLR 2021, §4, from their code's
     diagnostic). Exact: one ``[K, d] @ [d]`` product a step, no running sum to drift.

@@ -186,6 +186,10 @@ def test_composite_curvature_in_a_run_and_config_checks():
     flat = run(RunConfig(**{**base, "momentum": 0.0}, curvature_window=3), progress=False).history
     assert all(h["composite_curvature"] == 0.0 for h in flat[1:])
     assert "composite_curvature" not in run(RunConfig(**base), progress=False).history[-1]
+    # g_bar is the mean of the *clipped* gradients: |s_t| <= mu c^2 sum_i mu^i < c^2 mu / (1 - mu)
+    c = 1e-3
+    clipped = run(RunConfig(**base, curvature_window=3, clip_per_worker=c), progress=False).history
+    assert all(0 < abs(h["composite_curvature"]) <= c * c * 0.9 / 0.1 for h in clipped[1:]), clipped
     for bad in (0, 2.5, True):
         with pytest.raises(ConfigError, match="curvature_window"):
             check(RunConfig(**base, curvature_window=bad))
