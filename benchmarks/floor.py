@@ -62,13 +62,12 @@ def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp", device
     per_dev = R // devices
     fl_body = over_runs(lambda p, i: fc(p, i, train), per_dev, min(width, per_dev))
     if devices > 1:  # the floor sharded over the same "runs" mesh as the grid
+        from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         mesh = jax.make_mesh((devices,), ("runs",), devices=jax.devices()[:devices])
         fl_body = jax.shard_map(fl_body, mesh=mesh, in_specs=(P("runs"), P("runs")),
                                 out_specs=(P("runs"), P("runs")), check_vma=False)
-        from jax.sharding import NamedSharding
-
         f_inp = jax.device_put(inp, NamedSharding(mesh, P("runs")))
     else:
         f_inp = inp

@@ -531,10 +531,10 @@ def curvature_update(state: CurvatureState, g_bar, t, mu) -> tuple[CurvatureStat
     over the ``K`` previous steps that exist (fewer for ``t < K``; 0 at ``t = 0``), ``\bar g``
     being the honest workers' mean gradient as it enters their momentum (after
     ``clip_per_worker`` when set: the :math:`g_t` of the update rules) and ``\mu`` the
-    momentum: the inner product of
-    the new gradient with the momentum the past gradients built up, i.e. how much the
-    momentum's direction agrees with the current gradient (ICLR 2021, §4, from their code's
-    diagnostic). Exact: one ``[K, d] @ [d]`` product a step, no running sum to drift.
+    momentum: the inner product of the new gradient with the momentum the past gradients built
+    up, i.e. how much the momentum's direction agrees with the current gradient (ICLR 2021, §4,
+    from their code's diagnostic). Exact: one ``[K, d] @ [d]`` product a step, no running sum to
+    drift.
 
     Args:
       state: the last ``K`` mean gradients.

@@ -58,29 +58,35 @@ def pairs_table(df: pd.DataFrame) -> pd.DataFrame:
     return p
 
 
+def _costly(g: pd.DataFrame) -> pd.Series:
+    """Pairs where the attack costs >= 20 points at update."""
+    return g["loss"] >= 0.2
+
+
+def _recovers(g: pd.DataFrame, points: float) -> float:
+    """Share of the pairs where the attack costs >= 20 points that worker momentum lifts by
+    >= ``points`` (NaN when there are none)."""
+    hurt = g[_costly(g)]
+    return (hurt["gain"] >= points).mean() if len(hurt) else np.nan
+
+
 def headline(p: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for fam, g in p.groupby("family"):
         g = g[g["ref"].notna()]  # pairs whose unattacked reference has run
-        hurt = g[g["loss"] >= 0.2]
         rows += [
             (fam, "all", "pairs (attacked config x seed)", len(g)),
-            (fam, "all", "attack costs >= 20 points at update (share of pairs)", (g["loss"] >= 0.2).mean()),
+            (fam, "all", "attack costs >= 20 points at update (share of pairs)", _costly(g).mean()),
             (fam, "all", "worker momentum worse than update (pairs)", int((g["gain"] < 0).sum())),
             (fam, "all", "worker momentum worse than update (share)", (g["gain"] < 0).mean()),
-            (fam, "all", "worker recovers >= 10 points where attack costs >= 20",
-             (hurt["gain"] >= 0.1).mean() if len(hurt) else np.nan),
-            (fam, "all", "worker recovers >= 20 points where attack costs >= 20",
-             (hurt["gain"] >= 0.2).mean() if len(hurt) else np.nan),
+            (fam, "all", "worker recovers >= 10 points where attack costs >= 20", _recovers(g, 0.1)),
+            (fam, "all", "worker recovers >= 20 points where attack costs >= 20", _recovers(g, 0.2)),
         ]
         for reg, h in g.groupby("f_regime"):
-            hh = h[h["loss"] >= 0.2]
             rows += [
-                (fam, reg, "attack costs >= 20 points at update", (h["loss"] >= 0.2).mean()),
-                (fam, reg, "worker recovers >= 10 points where attack costs >= 20",
-                 (hh["gain"] >= 0.1).mean() if len(hh) else np.nan),
-                (fam, reg, "worker recovers >= 20 points where attack costs >= 20",
-                 (hh["gain"] >= 0.2).mean() if len(hh) else np.nan),
+                (fam, reg, "attack costs >= 20 points at update", _costly(h).mean()),
+                (fam, reg, "worker recovers >= 10 points where attack costs >= 20", _recovers(h, 0.1)),
+                (fam, reg, "worker recovers >= 20 points where attack costs >= 20", _recovers(h, 0.2)),
             ]
     return pd.DataFrame(rows, columns=["family", "f", "statistic", "value"])
 
@@ -101,11 +107,9 @@ def per_seed(p: pd.DataFrame) -> pd.DataFrame:
     """The headline statistics seed by seed (FC pairs with a reference)."""
     rows = []
     for seed, g in p[p["ref"].notna()].groupby("seed"):
-        hurt = g[g["loss"] >= 0.2]
-        rows.append(dict(seed=seed, pairs=len(g), attack_costs_20=(g["loss"] >= 0.2).mean(),
-                         worse=int((g["gain"] < 0).sum()),
-                         recovers_10=(hurt["gain"] >= 0.1).mean() if len(hurt) else np.nan,
-                         recovers_20=(hurt["gain"] >= 0.2).mean() if len(hurt) else np.nan))
+        rows.append(dict(seed=seed, pairs=len(g), attack_costs_20=_costly(g).mean(),
+                         worse=int((g["gain"] < 0).sum()), recovers_10=_recovers(g, 0.1),
+                         recovers_20=_recovers(g, 0.2)))
     return pd.DataFrame(rows)
 
 
@@ -188,10 +192,10 @@ def main(folder="experiments/distributed_momentum/results/grid", dest=None):
           + cells.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     q = p[p["ref"].notna()]
     print("\nattack costs >= 20 points, by lr:\n"
-          + q.groupby("lr")["loss"].apply(lambda v: (v >= 0.2).mean()).to_string())
+          + q.groupby("lr")[["loss"]].apply(lambda v: _costly(v).mean()).to_string())
     print("worker momentum better (gain > 0): "
           f"{int((q['gain'] > 0).sum())} of {len(q)}; where the attack costs >= 20: "
-          f"{(q[q['loss'] >= 0.2]['gain'] > 0).mean():.4f}")
+          f"{(q[_costly(q)]['gain'] > 0).mean():.4f}")
     ref = runs[runs["attack"] == "none"]["best"]
     print(f"unattacked references: {len(ref)} runs, max accuracy {ref.min():.4f}-{ref.max():.4f}, "
           f"median {ref.median():.4f}")
