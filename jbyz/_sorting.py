@@ -369,10 +369,72 @@ def rank_range_mean(rows: list[Array], lo: Array, hi: Array) -> Array:
 FLOAT_MAX = float(np.finfo(np.float32).max)
 
 
-def pairwise_sq_distances(x: Array, valid: Array) -> tuple[Array, Array]:
-    """Squared Euclidean distances from one Gram matmul, with the non-finite policy applied.
+# Column tiles of the Gram matrix (see :func:`gram`).
+GRAM_TILE = 2048
+GRAM_MIN_TILES = 8  # fewer tiles than this: one plain matmul
+GRAM_MAX_STATIC_TILES = 64  # more: a fori_loop over groups of GRAM_GROUP tiles
+GRAM_GROUP = 16
 
-    ``D_ij = max(0, |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>)`` (``precision="highest"``). A row is
+
+def gram(x: Array, center: Array | None = None) -> Array:
+    r"""The Gram matrix :math:`Y Y^T` of ``Y = x - 1 c^T`` (``c = center``, or 0), ``[n, n]``.
+
+    One ``[n, d] x [d, n]`` matmul has a huge contraction and a tiny output, a shape XLA:CPU
+    (YNNPACK, jax 0.10.2) handles badly once ``[n, d]`` leaves the cache: at ``d = 79,510`` it
+    ran at ~46 GFLOP/s for n = 10 and ~39 for n = 51 (11 ms, slower than n = 64 or 100). Here
+    the columns are cut into tiles of ``GRAM_TILE`` and the tiles' small Gram matrices summed:
+    each tile's rows stay in cache, and the independent tile matmuls run on all cores. Measured
+    on the 2-core project machine (ms per call, plain -> tiled): d = 79,510: n = 10 0.47 -> 0.31,
+    n = 51 11.2 -> 5.2; d = 1e6: n = 10 32 -> 4.9, n = 51 240 -> 54, n = 200 700 -> 455. Below
+    ``GRAM_MIN_TILES`` tiles (d = 1e4: plain 0.07 vs tiled 0.08 ms at n = 10) one matmul is kept.
+    Up to ``GRAM_MAX_STATIC_TILES`` tiles are unrolled; beyond, a ``fori_loop`` takes
+    ``GRAM_GROUP`` at a time (compile time stays under a second at d = 1e6).
+
+    The centre is subtracted tile by tile (never as a separate ``[n, d]`` pass); centring close
+    to the rows (e.g. at their median) keeps the float32 cancellation of
+    ``|y_i|^2 + |y_j|^2 - 2 <y_i, y_j>`` small. ``precision="highest"``.
+
+    Args:
+      x: ``[n, d]``.
+      center: ``[d]`` or ``None``.
+
+    Returns:
+      ``[n, n]`` float32 (exactly symmetric only up to rounding).
+    """
+    x = x.astype(jnp.float32)
+    n, d = x.shape
+    hi = lax.Precision.HIGHEST
+
+    def block(lo: int | Array, width: int) -> Array:
+        xs = lax.dynamic_slice_in_dim(x, lo, width, axis=1)
+        if center is not None:
+            xs = xs - lax.dynamic_slice_in_dim(center.astype(jnp.float32), lo, width)[None, :]
+        return jnp.matmul(xs, xs.T, precision=hi)
+
+    def static_tiles(lo: int, hi_: int) -> list[Array]:
+        return [block(s, min(GRAM_TILE, hi_ - s)) for s in range(lo, hi_, GRAM_TILE)]
+
+    tiles = -(-d // GRAM_TILE)
+    if tiles < GRAM_MIN_TILES:
+        return block(0, d)
+    if tiles <= GRAM_MAX_STATIC_TILES:
+        return tree_sum(static_tiles(0, d))
+    span = GRAM_TILE * GRAM_GROUP
+    groups = d // span
+
+    def body(i, g):
+        lo = i * span
+        return g + tree_sum([block(lo + j * GRAM_TILE, GRAM_TILE) for j in range(GRAM_GROUP)])
+
+    g = lax.fori_loop(0, groups, body, jnp.zeros((n, n), jnp.float32))
+    rest = static_tiles(groups * span, d)
+    return g + tree_sum(rest) if rest else g
+
+
+def pairwise_sq_distances(x: Array, valid: Array) -> tuple[Array, Array]:
+    """Squared Euclidean distances from the Gram matrix, with the non-finite policy applied.
+
+    ``D_ij = max(0, |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>)`` (:func:`gram`, ``precision="highest"``). A row is
     *usable* when it is valid and its squared norm is finite (a NaN or +/-inf anywhere in the row,
     or values so large that the squared norm overflows float32, make it unusable). Pairs that
     involve an unusable row are at ``+inf``; ``D_ii = 0`` for usable rows. The Gram form loses
@@ -387,7 +449,7 @@ def pairwise_sq_distances(x: Array, valid: Array) -> tuple[Array, Array]:
     """
     x = x.astype(jnp.float32)
     n = x.shape[0]
-    g = jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST)
+    g = gram(x)
     sq = jnp.diagonal(g)
     usable = valid & jnp.isfinite(sq)
     d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)

@@ -661,8 +661,8 @@ def geometric_median(iters: int = 8, nu=0.1, start: str = "median") -> Aggregato
     .. math:: \beta_i = \frac{\alpha_i}{\max(\nu, \|z - x_i\|)},\qquad
               z \leftarrow \frac{\sum_i \beta_i x_i}{\sum_i \beta_i}
 
-    The iterations run on ``n x n`` quantities: with ``y_i = x_i - z_0`` and ``G = Y Y^T`` (one
-    matmul), ``z_t = z_0 + \sum_j w_j y_j`` and ``\|z_t - x_i\|^2 = G_ii - 2 (G w)_i + w^T G w``;
+    The iterations run on ``n x n`` quantities: with ``y_i = x_i - z_0`` and ``G = Y Y^T``
+    (:func:`jbyz._sorting.gram`, by column tiles), ``z_t = z_0 + \sum_j w_j y_j`` and ``\|z_t - x_i\|^2 = G_ii - 2 (G w)_i + w^T G w``;
     only the final ``z_T = \sum_j w_j x_j`` touches ``d``-vectors again. Unusable (non-finite)
     rows get ``alpha_i = 0``.
 
@@ -697,8 +697,7 @@ def geometric_median(iters: int = 8, nu=0.1, start: str = "median") -> Aggregato
             z0 = jnp.zeros((x.shape[1],), jnp.float32)
         if iters == 0:
             return z0, state
-        y = x - S.materialize(z0)[None, :]
-        g = jnp.matmul(y, y.T, precision=lax.Precision.HIGHEST)
+        g = S.gram(x, S.materialize(z0))  # (x - z0)(x - z0)^T, column tile by tile
         usable = valid & jnp.isfinite(jnp.diagonal(g))
         alpha = usable.astype(jnp.float32)
         g = jnp.where(usable[:, None] & usable[None, :], g, 0.0)
@@ -788,7 +787,7 @@ def centered_clip(tau=0.1, iters: int = 1, start: str = "previous") -> Aggregato
             scale = jnp.minimum(1.0, tau_ / jnp.where(norm > 0, norm, 1.0))
             c = jnp.where(usable, scale * inv_m, 0.0)
         else:
-            g = jnp.matmul(y, y.T, precision=lax.Precision.HIGHEST)
+            g = S.gram(x, v0)
             usable = valid & jnp.isfinite(jnp.diagonal(g))
             g = jnp.where(usable[:, None] & usable[None, :], g, 0.0)
             gd = jnp.diagonal(g)

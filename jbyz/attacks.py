@@ -570,7 +570,7 @@ def _shejwalkar(x, honest, byz, objective: str, perturbation: str, iters: int):
     p = _perturbation(perturbation, mu, sigma)
 
     y = jnp.where(honest[:, None], xf - mu, 0.0)  # centred honest rows (better conditioning)
-    gram = jnp.matmul(y, y.T, precision=_HIGHEST)
+    gram = S.gram(y)
     sq = jnp.diagonal(gram)  # ||h_i - mu||^2
     pair = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)  # ||h_i - h_j||^2
     hh = honest[:, None] & honest[None, :]

@@ -399,6 +399,55 @@ def test_large_n_code_paths(monkeypatch):
         np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("tile,d", [(4, 10), (4, 29), (3, 200), (2048, 40_000)],
+                         ids=["one-matmul", "static-tiles", "grouped-loop", "real-tile"])
+def test_gram_by_column_tiles(monkeypatch, tile, d):
+    # The three code paths of _sorting.gram (one matmul below GRAM_MIN_TILES tiles, unrolled
+    # tiles, a fori_loop over groups plus unrolled leftovers) against float64 numpy, with and
+    # without a centre; a NaN row stays NaN on the diagonal (the rules' "unusable" test).
+    from jbyz import _sorting
+
+    monkeypatch.setattr(_sorting, "GRAM_TILE", tile)
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(6, d)).astype(np.float32)
+    c = rng.normal(size=d).astype(np.float32)
+    for centre in (None, c):
+        y = x.astype(np.float64) - (0.0 if centre is None else centre.astype(np.float64))
+        got = jax.jit(_sorting.gram)(jnp.asarray(x), None if centre is None else jnp.asarray(centre))
+        np.testing.assert_allclose(np.asarray(got), y @ y.T, rtol=2e-5, atol=1e-3 * np.sqrt(d))
+    xn = x.copy()
+    xn[2, d // 2] = np.nan
+    g = np.asarray(_sorting.gram(jnp.asarray(xn)))
+    assert np.isnan(g[2, 2]) and np.isfinite(g[0, 0])
+
+
+@pytest.mark.parametrize("tile", [3, 4])
+def test_gram_rules_with_tiles(monkeypatch, tile):
+    # Krum, Multi-Krum, GM and CC (3 iterations) through the tiled Gram (static tiles at
+    # tile=4 and d=40, the grouped loop at tile=3), against the brute-force references.
+    from jbyz import _sorting
+    from jbyz import aggregators as agg_mod
+
+    monkeypatch.setattr(_sorting, "GRAM_TILE", tile)
+    rng = np.random.default_rng(tile)
+    d = 40 if tile == 4 else 220
+    for factory, hp, ref, f in [
+        (agg_mod.krum, {}, ref_krum, 1),
+        (agg_mod.multi_krum, {}, ref_multi_krum, 1),
+        (agg_mod.geometric_median, {}, ref_geometric_median, 1),
+        (agg_mod.centered_clip, {"tau": 1.0, "iters": 3},
+         functools.partial(ref_centered_clip, tau=1.0, iters=3), 1),
+    ]:
+        agg = factory.__wrapped__(**hp)
+        xv = normal(rng, 7, d=d)
+        x, valid = embed(xv, rng)
+        out, _ = jax.jit(agg.apply)(jnp.asarray(x), jnp.asarray(valid), jnp.int32(f), KEY,
+                                    agg.init(x.shape[0], d))
+        want = ref(xv.astype(np.float64), f)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5,
+                                   err_msg=factory.__name__)
+
+
 def test_centered_clip_uses_and_returns_state():
     rng = np.random.default_rng(5)
     xv = normal(rng, 9)
