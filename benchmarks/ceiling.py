@@ -87,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="default: results/ceiling.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rules, args.steps, args.repeats = [10], ["median", "krum"], 50, 2
@@ -138,7 +139,7 @@ def main(argv=None):
                          gram_ratio=gram / F))
         rows[-1]["timings"] = {k: {kk: v[kk] for kk in ("times_s", "cpu_s", "load")}
                                for k, v in res.items()}
-    out = write_json(RESULTS / ("ceiling_quick.json" if args.quick else "ceiling.json"),
+    out = write_json(args.out or RESULTS / ("ceiling_quick.json" if args.quick else "ceiling.json"),
                      dict(meta=meta(), steps=args.steps, repeats=args.repeats, rows=rows))
     print(f"\nwrote {out}")
 
