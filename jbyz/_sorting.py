@@ -370,10 +370,21 @@ FLOAT_MAX = float(np.finfo(np.float32).max)
 
 
 # Column tiles of the Gram matrix (see :func:`gram`).
-GRAM_TILE = 2048
-GRAM_MIN_TILES = 8  # fewer tiles than this: one plain matmul
+GRAM_TILE = 2048  # the widest tile; narrower for many rows (:func:`gram_tile`)
+GRAM_TILE_MIN = 512
+GRAM_TILE_BYTES = 512 * 1024  # one tile's rows: an L2 cache of the project machine
+GRAM_MIN_TILES = 8  # d < GRAM_MIN_TILES * GRAM_TILE: one plain matmul
 GRAM_MAX_STATIC_TILES = 64  # more: a fori_loop over groups of GRAM_GROUP tiles
 GRAM_GROUP = 16
+
+
+def gram_tile(n: int) -> int:
+    """Columns per Gram tile for ``n`` rows: the largest power of two whose ``[n, tile]``
+    float32 block fits ``GRAM_TILE_BYTES``, within ``[GRAM_TILE_MIN, GRAM_TILE]``. Measured
+    (ms per call, d = 79,510): n = 100 tiles of 1024 10.5 vs 2048 11.8; n = 200 512 36.9,
+    1024 37-44, 2048 51-52 (one plain matmul 41-43)."""
+    fit = 1 << max(0, int(np.floor(np.log2(max(GRAM_TILE_BYTES // (4 * n), 1)))))
+    return min(GRAM_TILE, max(GRAM_TILE_MIN, fit))
 
 
 def gram(x: Array, center: Array | None = None) -> Array:
@@ -382,11 +393,13 @@ def gram(x: Array, center: Array | None = None) -> Array:
     One ``[n, d] x [d, n]`` matmul has a huge contraction and a tiny output, a shape XLA:CPU
     (YNNPACK, jax 0.10.2) handles badly once ``[n, d]`` leaves the cache: at ``d = 79,510`` it
     ran at ~46 GFLOP/s for n = 10 and ~39 for n = 51 (11 ms, slower than n = 64 or 100). Here
-    the columns are cut into tiles of ``GRAM_TILE`` and the tiles' small Gram matrices summed:
+    the columns are cut into tiles (:func:`gram_tile`: 2048 columns up to n = 64, narrower
+    beyond) and the tiles' small Gram matrices summed:
     each tile's rows stay in cache, and the independent tile matmuls run on all cores. Measured
     on the 2-core project machine (ms per call, plain -> tiled): d = 79,510: n = 10 0.47 -> 0.31,
     n = 51 11.2 -> 5.2; d = 1e6: n = 10 32 -> 4.9, n = 51 240 -> 54, n = 200 700 -> 455. Below
-    ``GRAM_MIN_TILES`` tiles (d = 1e4: plain 0.07 vs tiled 0.08 ms at n = 10) one matmul is kept.
+    ``d = GRAM_MIN_TILES * GRAM_TILE`` (16,384) columns one matmul is kept (d = 1e4: plain 0.07 vs
+    tiled 0.08-0.10 ms at n = 10; n = 200: 4.1 vs 5.7-6.1).
     Up to ``GRAM_MAX_STATIC_TILES`` tiles are unrolled; beyond, a ``fori_loop`` takes
     ``GRAM_GROUP`` at a time (compile time stays under a second at d = 1e6).
 
@@ -404,6 +417,7 @@ def gram(x: Array, center: Array | None = None) -> Array:
     x = x.astype(jnp.float32)
     n, d = x.shape
     hi = lax.Precision.HIGHEST
+    tile = gram_tile(n)
 
     def block(lo: int | Array, width: int) -> Array:
         xs = lax.dynamic_slice_in_dim(x, lo, width, axis=1)
@@ -412,19 +426,18 @@ def gram(x: Array, center: Array | None = None) -> Array:
         return jnp.matmul(xs, xs.T, precision=hi)
 
     def static_tiles(lo: int, hi_: int) -> list[Array]:
-        return [block(s, min(GRAM_TILE, hi_ - s)) for s in range(lo, hi_, GRAM_TILE)]
+        return [block(s, min(tile, hi_ - s)) for s in range(lo, hi_, tile)]
 
-    tiles = -(-d // GRAM_TILE)
-    if tiles < GRAM_MIN_TILES:
+    if d < GRAM_MIN_TILES * GRAM_TILE:  # fits the cache anyway: one matmul
         return block(0, d)
-    if tiles <= GRAM_MAX_STATIC_TILES:
+    if -(-d // tile) <= GRAM_MAX_STATIC_TILES:
         return tree_sum(static_tiles(0, d))
-    span = GRAM_TILE * GRAM_GROUP
+    span = tile * GRAM_GROUP
     groups = d // span
 
     def body(i, g):
         lo = i * span
-        return g + tree_sum([block(lo + j * GRAM_TILE, GRAM_TILE) for j in range(GRAM_GROUP)])
+        return g + tree_sum([block(lo + j * tile, tile) for j in range(GRAM_GROUP)])
 
     g = lax.fori_loop(0, groups, body, jnp.zeros((n, n), jnp.float32))
     rest = static_tiles(groups * span, d)
