@@ -47,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "cosine", "inverse_time"),
     "momentum_at": ("worker", "server", "none"),
     "momentum_form": ("ema", "sum"),
+    "momentum_first": ("gradient", "zero"),
     "l2_form": ("squared", "norm"),
     "grad_method": ("auto", "vmap", "unroll", "map"),
     "byzantine_arrival": ("honest", "first"),
@@ -56,7 +57,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Fields added after results were first published, with a default that reproduces the earlier
 # behaviour: left out of the config hash (a run's id) while at that default, so results computed
 # before a field existed keep their ids and a grid still resumes.
-_HASH_OMIT_AT_DEFAULT = {"augment": "none", "curvature_window": None}
+_HASH_OMIT_AT_DEFAULT = {"augment": "none", "curvature_window": None, "momentum_first": "gradient"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,10 @@ class RunConfig:
       momentum, momentum_at, momentum_form, nesterov: momentum coefficient; where it lives
         (``worker``: each worker sends its momentum; ``server``: on the aggregate; ``none``);
         ``ema`` or ``sum`` (heavy-ball) form; Nesterov variant.
+      momentum_first: how the workers' EMA momentum starts: ``gradient`` (``u_1 = g_1``, the
+        papers' choice, default) or ``zero`` (``u_0 = 0``, so ``u_1 = (1 - mu) g_1``, as ByzFL).
+        Only for ``momentum_at="worker"`` with ``momentum_form="ema"``; the server's EMA is
+        ``optax.ema(debias=False)``, which always starts from zero.
       clip_per_worker: honest workers clip their gradient to this L2 norm before momentum.
       weight_decay, l2_form: L2 regularisation added to the loss, ``squared`` (wd/2 ||w||^2) or
         ``norm`` (wd ||w||, as El Mhamdi et al.'s code).
@@ -141,6 +146,7 @@ class RunConfig:
     momentum: float = 0.9
     momentum_at: str = "worker"
     momentum_form: str = "ema"
+    momentum_first: str = "gradient"
     nesterov: bool = False
     clip_per_worker: float | None = None
     weight_decay: float = 0.0
@@ -292,6 +298,10 @@ def validate(cfg: RunConfig) -> list[str]:
     if "every" in allowed and not ok_every:
         errors.append(f"lr_schedule_kwargs every={every!r} must be an integer >= 1"
                       + (" or 'epoch'" if cfg.lr_schedule == "cosine" else ""))
+    if cfg.momentum_first == "zero" and not (cfg.momentum_at == "worker" and cfg.momentum_form == "ema"):
+        errors.append(f"momentum_first='zero' applies to EMA momentum at the workers only (got "
+                      f"momentum_at={cfg.momentum_at!r}, momentum_form={cfg.momentum_form!r}); the "
+                      f"server's EMA always starts from zero and the 'sum' form has no start to choose")
     cw = cfg.curvature_window
     if cw is not None and (not isinstance(cw, int) or isinstance(cw, bool) or cw < 1):
         errors.append(f"curvature_window must be an integer >= 1 (steps of gradient history, e.g. "

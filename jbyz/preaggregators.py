@@ -36,7 +36,7 @@ PREAGGREGATORS = Registry("pre-aggregator")
 _TINY = 2.0**-100
 
 
-def _row_norms(x, valid):
+def row_norms(x, valid):
     """``[n]`` Euclidean row norms, overflow-safe; rows with a NaN or an inf get ``+inf``.
 
     The squared norm of a finite row with entries beyond ~1e19 overflows float32; such rows are
@@ -54,7 +54,7 @@ def _row_norms(x, valid):
     return jnp.where(jnp.isnan(norm), jnp.inf, norm)
 
 
-def _clip_rows(x, norms, threshold, active):
+def clip_rows(x, norms, threshold, active):
     """Scales row ``i`` by ``min(1, threshold / |x_i|)`` where ``active`` and the norm is finite.
 
     (A row with an inf entry has an infinite norm and passes through; see the module docstring.)
@@ -198,7 +198,7 @@ def clip(tau=1.0) -> PreAggregator:
 
     def apply(x, valid, f, key, state):
         x, valid, f, m = _inputs(x, valid, f)
-        out = _clip_rows(x, _row_norms(x, valid), jnp.asarray(tau, jnp.float32), valid)
+        out = clip_rows(x, row_norms(x, valid), jnp.asarray(tau, jnp.float32), valid)
         return out, valid, f, state
 
     return PreAggregator(name="clip", apply=apply)
@@ -232,11 +232,11 @@ def arc() -> PreAggregator:
     def apply(x, valid, f, key, state):
         x, valid, f, m = _inputs(x, valid, f)
         n = x.shape[0]
-        norms = _row_norms(x, valid)
+        norms = row_norms(x, valid)
         k = (2 * f * (m - f)) // jnp.maximum(m, 1)
         desc = -jnp.sort(-jnp.where(valid, norms, -jnp.inf))
         threshold = lax.dynamic_index_in_dim(desc, jnp.clip(k, 0, n - 1), keepdims=False)
-        return _clip_rows(x, norms, threshold, valid), valid, f, state
+        return clip_rows(x, norms, threshold, valid), valid, f, state
 
     return PreAggregator(
         name="arc", apply=apply, requirement=_requirement("arc", "n >= f", lambda n, f: n >= f)

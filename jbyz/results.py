@@ -61,6 +61,27 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def component_name(values: pd.Series) -> pd.Series:
+    """The registry name of each entry of a component column (``attack``, ``aggregator`` ...).
+
+    A component with options is stored as its JSON spec (``'{"name": "alie", "z": 1.5}'``, see
+    :func:`tidy`); a plain one as its name. Returns the names, e.g. to group runs by attack
+    whatever its options.
+    """
+    def one(v):
+        if isinstance(v, dict):
+            return v.get("name", json.dumps(v, sort_keys=True, default=str))
+        if isinstance(v, str) and v.startswith("{"):
+            try:
+                spec = json.loads(v)
+            except ValueError:
+                return v
+            return spec.get("name", v) if isinstance(spec, dict) else v
+        return v
+
+    return values.map(one)
+
+
 def write_table(df: pd.DataFrame, path: str | Path, metadata: dict | None = None) -> Path:
     """Writes ``df`` to Parquet atomically, with ``metadata`` in the file's key-value metadata."""
     import pyarrow as pa

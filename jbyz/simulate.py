@@ -261,7 +261,8 @@ class Program:
             worker.append(transforms.clip_per_worker(dyn.clip, rows))
         if self.momentum_on and cfg.momentum_at == "worker":
             worker.append(transforms.worker_momentum(
-                dyn.momentum, rows, form=cfg.momentum_form, nesterov=cfg.nesterov))
+                dyn.momentum, rows, form=cfg.momentum_form, nesterov=cfg.nesterov,
+                first=cfg.momentum_first))
         tx_worker = optax.chain(*worker) if worker else optax.with_extra_args_support(optax.identity())
         tx_byz = transforms.byzantine(self.attack, dyn.f_real, n)
         tx_agg = transforms.robust_aggregate(self.aggregator, dyn.f, n, preaggregators=self.pre)

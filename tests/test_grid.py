@@ -260,3 +260,10 @@ def test_plots_heatmap_and_paired_from_grid(reference, tmp_path):
     assert cli.main(["plot", "paired", str(out / "results.parquet"), "--field", "lr", "--a", "0.05",
                      "--b", "0.1", "--out", str(tmp_path / "p2.png")]) == 0
     assert cli.main(["plot", str(out / "results.parquet"), "--out", str(tmp_path / "c.png")]) == 0
+
+
+def test_component_name_reads_plain_names_and_json_specs():
+    # Components with options are stored as JSON specs (results.tidy); analyses group by name.
+    spec = results.tidy(pd.DataFrame({"attack": [{"name": "alie", "z": 1.5}]}))["attack"][0]
+    col = pd.Series(["mean", spec, '{"name": "foe", "eps": 0.1}', "{not json", {"name": "krum"}])
+    assert results.component_name(col).tolist() == ["mean", "alie", "foe", "{not json", "krum"]

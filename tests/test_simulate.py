@@ -138,7 +138,7 @@ def test_augment_option_runs_and_keeps_old_run_ids():
     import json
 
     d = cfg.to_dict()
-    del d["augment"], d["curvature_window"]
+    del d["augment"], d["curvature_window"], d["momentum_first"]
     assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert RunConfig(**base, augment="flip").config_hash() != cfg.config_hash()
     a = run(RunConfig(**base, augment="flip"), progress=False)
@@ -193,3 +193,31 @@ def test_composite_curvature_in_a_run_and_config_checks():
     for bad in (0, 2.5, True):
         with pytest.raises(ConfigError, match="curvature_window"):
             check(RunConfig(**base, curvature_window=bad))
+
+
+def test_momentum_first_zero_starts_the_worker_ema_from_zero():
+    # ByzFL's EMA start: u_0 = 0, so the first step moves (1 - mu) times as far as with the
+    # papers' u_1 = g_1 (same batches: same keys). Mean rule, no attack: the step is exact.
+    import jax
+
+    from jbyz.registry import ConfigError
+    from jbyz.simulate import get_program
+
+    base = dict(dataset="digits", model="logreg", n_workers=4, f_real=0, attack="none",
+                aggregator="mean", steps=1, eval_every=1, momentum=0.9, lr=0.5, diagnostics=False)
+    moved = {}
+    for first in ("gradient", "zero"):
+        cfg = check(RunConfig(**base, momentum_first=first))
+        prog = get_program(cfg)
+        inp = prog.inputs(cfg)
+        carry0 = prog.init(inp)
+        carry, _ = jax.jit(prog.chunk, static_argnums=(2,))(carry0, 0, 1, inp, prog.train)
+        moved[first] = np.asarray(carry.params) - np.asarray(carry0.params)
+    assert np.abs(moved["gradient"]).max() > 1e-4
+    np.testing.assert_allclose(moved["zero"], 0.1 * moved["gradient"], rtol=1e-4, atol=1e-7)
+    assert RunConfig(**base).config_hash() == RunConfig(**base, momentum_first="gradient").config_hash()
+    assert RunConfig(**base, momentum_first="zero").config_hash() != RunConfig(**base).config_hash()
+    with pytest.raises(ConfigError, match="momentum_first"):
+        check(RunConfig(**base, momentum_first="zero", momentum_at="server"))
+    with pytest.raises(ConfigError, match="momentum_first"):
+        check(RunConfig(**base, momentum_first="one"))

@@ -95,8 +95,7 @@ def cells_table(p: pd.DataFrame) -> pd.DataFrame:
     """Per (GAR, attack, f) cell, over its pairs (2 lr x 2 Nesterov x seeds): mean loss, mean
     gain, the pairs where worker momentum is worse, and the pairs."""
     g = p[p["ref"].notna()].copy()
-    g["attack_name"] = g["attack"].astype(str).str.extract(r'"name": "(\w+)"', expand=False).fillna(
-        g["attack"].astype(str))
+    g["attack_name"] = results.component_name(g["attack"])
     out = g.groupby(["f_real", "aggregator", "attack_name"]).agg(
         loss=("loss", "mean"), gain=("gain", "mean"), worse=("gain", lambda v: int((v < 0).sum())),
         pairs=("gain", "size")).reset_index()

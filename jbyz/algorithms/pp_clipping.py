@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from optax.experimental import aggregating
 
-from jbyz.preaggregators import _clip_rows, _row_norms
+from jbyz import preaggregators as preagg
 from jbyz.transforms import stack_to_matrix
 from jbyz.types import Aggregator, PreAggregator
 
@@ -68,7 +68,7 @@ def clip_rows(x: Array, radius, valid: Array | None = None) -> Array:
     """
     x = jnp.asarray(x, jnp.float32)
     valid = jnp.ones(x.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
-    return _clip_rows(x, _row_norms(x, valid), jnp.asarray(radius, jnp.float32), valid)
+    return preagg.clip_rows(x, preagg.row_norms(x, valid), jnp.asarray(radius, jnp.float32), valid)
 
 
 def with_preaggregation(
