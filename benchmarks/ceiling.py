@@ -40,9 +40,9 @@ import jax.numpy as jnp  # noqa: E402
 from _bench import interleaved, meta, write_json  # noqa: E402
 from jbyz import _sorting, data  # noqa: E402
 from jbyz.aggregators import AGGREGATORS  # noqa: E402
-from jbyz.config import RunConfig, check, validate  # noqa: E402
+from jbyz.config import check, validate  # noqa: E402
 from jbyz.simulate import get_program  # noqa: E402
-from single_run import floor_fn, jbyz_fn  # noqa: E402
+from single_run import floor_fn, jbyz_fn, workload_cfg, workload_f  # noqa: E402
 
 RULES = ["median", "trimmed_mean", "meamed", "phocas", "centered_clip", "krum", "multi_krum",
          "geometric_median", "bulyan"]
@@ -94,15 +94,8 @@ def main(argv=None):
     ds = data.load_dataset("fashion_mnist")
     rows = []
     for n in args.n:
-        f = 3 if n == 10 else (n - 3) // 4  # as single_run.py
-
-        def cfg_for(rule):
-            return RunConfig(dataset="fashion_mnist", model="mlp", n_workers=n, f_real=f,
-                             batch_size=32, steps=args.steps, lr=0.1, momentum=0.9,
-                             momentum_form="ema", aggregator=rule, attack="alie",
-                             eval_every=args.steps, diagnostics=False)
-
-        base = check(cfg_for("mean"))
+        f = workload_f(n)
+        base = check(workload_cfg(n, "mean", args.steps))
         prog = get_program(base, dataset=ds)
         d = int(prog.inputs(base).params0.shape[0])
         fns = {"floor": floor_fn(prog, base, args.steps), "pipeline_mean": jbyz_fn(prog, base, args.steps),
@@ -110,7 +103,7 @@ def main(argv=None):
                "gram": kernel_fn(None, n, d, f, args.steps)}
         kept = []
         for rule in args.rules:
-            cfg = cfg_for(rule)
+            cfg = workload_cfg(n, rule, args.steps)
             if validate(cfg):
                 print(f"n={n}: {rule} skipped: {validate(cfg)[0]}")
                 continue

@@ -40,6 +40,20 @@ RULES = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_medi
          "centered_clip", "meamed", "phocas", "bulyan"]
 
 
+def workload_f(n: int) -> int:
+    """Byzantine workers at ``n`` workers: 3 of 10 (perf-notes.md); ``(n - 3) // 4`` otherwise,
+    so that every rule (Bulyan: ``n >= 4f + 3``) is valid (n = 51: f = 12)."""
+    return 3 if n == 10 else (n - 3) // 4
+
+
+def workload_cfg(n: int, rule: str, steps: int, dataset: str = "fashion_mnist",
+                 model: str = "mlp") -> RunConfig:
+    """The single-run workload: batch 32, ALIE, worker momentum 0.9 (EMA), lr 0.1, ``rule``."""
+    return RunConfig(dataset=dataset, model=model, n_workers=n, f_real=workload_f(n), batch_size=32,
+                     steps=steps, lr=0.1, momentum=0.9, momentum_form="ema", aggregator=rule,
+                     attack="alie", eval_every=steps, diagnostics=False)
+
+
 def floor_fn(prog, cfg: RunConfig, steps: int):
     """The bare cost: the honest workers' gradients + mean + SGD, as one scan.
 
@@ -85,13 +99,11 @@ def main(argv=None):
     ds = data.load_dataset(args.dataset)
     rows = []
     for n in args.n:
-        f = 3 if n == 10 else (n - 3) // 4  # n=51: f=12 keeps every rule (Bulyan) valid
+        f = workload_f(n)
         print(f"\n== {args.dataset} {args.model}, n={n}, f={f}, batch 32, ALIE, worker momentum 0.9, {args.steps} steps")
         print(f"{'rule':<18}{'steps/s':>10}{'floor steps/s':>15}{'ratio':>8}{'compile s':>11}{'load':>6}")
         for rule in rules:
-            cfg = RunConfig(dataset=args.dataset, model=args.model, n_workers=n, f_real=f, batch_size=32,
-                            steps=args.steps, lr=0.1, momentum=0.9, momentum_form="ema",
-                            aggregator=rule, attack="alie", eval_every=args.steps, diagnostics=False)
+            cfg = workload_cfg(n, rule, args.steps, args.dataset, args.model)
             if validate(cfg):
                 print(f"{rule:<18} skipped: {validate(cfg)[0]}")
                 continue

@@ -416,17 +416,17 @@ def gram(x: Array, center: Array | None = None) -> Array:
     """
     x = x.astype(jnp.float32)
     n, d = x.shape
-    hi = lax.Precision.HIGHEST
+    prec = lax.Precision.HIGHEST
     tile = gram_tile(n)
 
     def block(lo: int | Array, width: int) -> Array:
         xs = lax.dynamic_slice_in_dim(x, lo, width, axis=1)
         if center is not None:
             xs = xs - lax.dynamic_slice_in_dim(center.astype(jnp.float32), lo, width)[None, :]
-        return jnp.matmul(xs, xs.T, precision=hi)
+        return jnp.matmul(xs, xs.T, precision=prec)
 
-    def static_tiles(lo: int, hi_: int) -> list[Array]:
-        return [block(s, min(tile, hi_ - s)) for s in range(lo, hi_, tile)]
+    def static_tiles(lo: int, hi: int) -> list[Array]:
+        return [block(s, min(tile, hi - s)) for s in range(lo, hi, tile)]
 
     if d < GRAM_MIN_TILES * GRAM_TILE:  # fits the cache anyway: one matmul
         return block(0, d)
