@@ -839,6 +839,12 @@ def mda(max_subsets: int = 2**16) -> Aggregator:
     valid mask stay traced); the subsets of size ``m - f`` made of valid rows compete. Distances
     from one Gram matmul; subsets with an unusable (non-finite) row have infinite diameter.
 
+    Ties: among subsets of exactly equal diameter (common: subsets that share their farthest
+    pair), the one with the smallest bitmask :math:`\sum_{i \in S} 2^i` wins, i.e. the subset
+    whose largest slot index is smallest, then whose second largest is, and so on
+    (colexicographic order on sorted index tuples). Since the valid rows keep their order among
+    the slots, this is the same choice whatever the padding.
+
     Args:
       max_subsets: the largest ``2^n`` allowed (default ``2**16``, i.e. ``n <= 16`` slots); the
         enumeration costs ``O(2^n n^2)``.
@@ -881,7 +887,7 @@ def mda(max_subsets: int = 2**16) -> Aggregator:
         eligible = (size == m - f) & ~jnp.any(bits & ~valid[None, :], axis=1)
         pair = bits[:, :, None] & bits[:, None, :]  # fused into the reduction, not materialised
         diam = jnp.max(jnp.where(pair, d2[None, :, :], 0.0), axis=(1, 2))
-        best = S.argmin_preferring(diam, eligible)
+        best = S.argmin_preferring(diam, eligible)  # exact ties: the smallest bitmask (first index)
         sel = bits[best]
         w = sel.astype(jnp.float32) / jnp.maximum(jnp.sum(sel), 1).astype(jnp.float32)
         return S.weighted_row_sum(w, x), state
