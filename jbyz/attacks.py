@@ -9,7 +9,7 @@ at the workers). Rows where ``byz`` is False come back unchanged (bit for bit); 
 True are replaced. Slots that are neither honest nor Byzantine (padding, non-participants) are
 ignored: they never enter a statistic, so padding the stack changes nothing in the real rows.
 
-Statistics over the honest rows (H = {i : honest_i}, n_h = |H|, a traced count):
+Statistics over the honest rows (``H = {i : honest_i}``, ``n_h = |H|``, a traced count)::
 
   mu    = (1 / n_h) sum_{i in H} x_i
   sigma = sqrt((1 / (n_h - 1)) sum_{i in H} (x_i - mu)^2)      (coordinate-wise, unbiased)

@@ -1,4 +1,4 @@
-"""optax ``GradientTransformation``s built from the jbyz kernels: the drop-in.
+"""optax gradient transformations built from the jbyz kernels: the drop-in.
 
 Stages before :func:`robust_aggregate` see updates with a leading worker axis ``[n, ...]``
 (one row per worker slot, e.g. from ``jax.vmap(jax.grad(loss))``); :func:`robust_aggregate`
