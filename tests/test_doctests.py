@@ -24,4 +24,4 @@ def test_module_doctests(name):
     module = importlib.import_module(name)
     flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
     result = doctest.testmod(module, optionflags=flags, report=True)
-    assert result.failed == 0, f"{result.failed} of {result.attempted} doctest example(s) failed in {name}"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} example(s) failed in {name}"

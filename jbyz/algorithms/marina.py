@@ -568,7 +568,8 @@ def build_run(
       >>> def loss(w, xb, yb):
       ...     return jnp.mean(jnp.logaddexp(0.0, -(2.0 * yb - 1.0) * (xb @ w)))
       >>> oracle = finite_sum_oracle(loss, a, y, np.tile(np.arange(40), (10, 1)), batch_size=8)
-      >>> config = MarinaConfig(num_clients=10, num_steps=50, aggregator=AGGREGATORS.build("median"),
+      >>> config = MarinaConfig(num_clients=10, num_steps=50,
+      ...                       aggregator=AGGREGATORS.build("median"),
       ...                       attack=shift_back(), clients_per_round=3)
       >>> run = jax.jit(build_run(config, oracle, lambda x: {"loss": loss(x, a, y)}))
       >>> params = MarinaParams(lr=0.5, p=0.2, alpha=1.0, f_real=3, f=0)
