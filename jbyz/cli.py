@@ -4,6 +4,7 @@ Examples::
 
     jbyz list                                   # every component with a description + reference
     jbyz check experiments/quickstart.toml      # validate a configuration, no compute
+    jbyz run my_grid.toml --import mypkg        # with components registered by mypkg
     jbyz run experiments/quickstart.toml        # run it: results.parquet, summary.csv, accuracy.png
     jbyz plot runs/quickstart/results.parquet --hue aggregator --col attack
     jbyz plot heatmap runs/grid --x batch_size --y f_real --col aggregator
@@ -45,7 +46,9 @@ def _cmd_list(args) -> int:
 
 def _cmd_check(args) -> int:
     from jbyz.config import load_experiment, validate
+    from jbyz.plugins import load_plugins
 
+    load_plugins(args.imports or [])
     exp = load_experiment(args.config)
     runs = exp.runs()
     bad = 0
@@ -80,17 +83,22 @@ def select(runs, only):
     return out
 
 
-def run_experiment(config_path, out_dir=None, progress=True, quiet=False, options=None, only=None):
+def run_experiment(config_path, out_dir=None, progress=True, quiet=False, options=None, only=None,
+                   plugins=None):
     """Runs every point of a configuration file as a grid (grouped, vmapped, resumable).
 
     Writes ``results.parquet`` (one row per run and evaluation), ``summary.csv`` (final and best
     accuracy per configuration, mean and spread over seeds) and ``accuracy.png`` into the output
-    directory; a rerun of the same command resumes where a killed one stopped.
+    directory; a rerun of the same command resumes where a killed one stopped. ``plugins``:
+    modules (names or ``.py`` paths) imported first, as ``jbyz run --import`` (see
+    :mod:`jbyz.plugins`).
     """
     from jbyz import grid, plots, results
     from jbyz.config import load_experiment
+    from jbyz.plugins import load_plugins
     from jbyz.registry import ConfigError
 
+    load_plugins(plugins or [])
     exp = load_experiment(config_path)
     out = Path(out_dir) if out_dir else exp.output_dir
     opts = grid.GridOptions.from_dict({**exp.execution, **(options or {})})
@@ -139,7 +147,7 @@ def _cmd_run(args) -> int:
         if getattr(args, k) is not None:
             opts[k] = getattr(args, k)
     run_experiment(args.config, args.out, progress=not args.no_progress, options=opts,
-                   only=args.only)
+                   only=args.only, plugins=args.imports)
     return 0
 
 
@@ -168,19 +176,37 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+IMPORT_HELP = ("import this module first (a name importable from PYTHONPATH, or a .py path), "
+               "e.g. one that registers your own aggregators, attacks or models; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jbyz`` argument parser (every option carries its help text)."""
+    from jbyz import __version__
+
     p = argparse.ArgumentParser(prog="jbyz", description="Byzantine-robust distributed learning in JAX.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("list", help="list aggregators, pre-aggregators, attacks, models and datasets")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print jbyz's version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           help="list, check, run or plot")
+    s = sub.add_parser("list", help="list aggregators, pre-aggregators, attacks, models and datasets",
+                       description="Every registered component with its description and reference.")
     s.add_argument("kind", nargs="?", help="only one family, e.g. 'attacks'")
     s.set_defaults(fn=_cmd_list)
-    s = sub.add_parser("check", help="validate a configuration file without running it")
-    s.add_argument("config")
+    s = sub.add_parser("check", help="validate a configuration file without running it",
+                       description="Builds every grid point of a configuration file and reports "
+                                   "every problem found; no data is loaded, nothing is trained.")
+    s.add_argument("config", help="the TOML configuration file")
+    s.add_argument("--import", dest="imports", action="append", metavar="MODULE", help=IMPORT_HELP)
     s.set_defaults(fn=_cmd_check)
-    s = sub.add_parser("run", help="run a configuration file")
-    s.add_argument("config", nargs="?", default=str(Path("experiments") / "quickstart.toml"))
+    s = sub.add_parser("run", help="run a configuration file",
+                       description="Runs every grid point of a configuration file (resumable) and "
+                                   "writes results.parquet, summary.csv and accuracy.png.")
+    s.add_argument("config", nargs="?", default=str(Path("experiments") / "quickstart.toml"),
+                   help="the TOML configuration file (default: experiments/quickstart.toml)")
+    s.add_argument("--import", dest="imports", action="append", metavar="MODULE", help=IMPORT_HELP)
     s.add_argument("--out", help="output directory (default: [output] dir of the file, or runs/<name>)")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--only", action="append", metavar="FIELD=V1,V2",
                    help="run only the grid points with these values (repeatable), e.g. "
                         "--only dataset=fashion_mnist --only seed=1,2")
@@ -195,20 +221,36 @@ def main(argv=None) -> int:
     s.add_argument("--distributed", action="store_true",
                    help="multi-process with cluster auto-detection (jax.distributed.initialize())")
     s.set_defaults(fn=_cmd_run)
-    s = sub.add_parser("plot", help="figures from a results file or directory: curves, heatmap, paired")
-    s.add_argument("kind", nargs="?", choices=("curves", "heatmap", "paired"), default="curves")
-    s.add_argument("results")
-    s.add_argument("--out")
-    s.add_argument("--hue", default="aggregator")
+    s = sub.add_parser("plot", help="figures from a results file or directory: curves, heatmap, paired",
+                       description="curves: a metric over steps; heatmap: a statistic over two "
+                                   "config columns; paired: runs that differ in one field, "
+                                   "against each other.")
+    s.add_argument("kind", nargs="?", choices=("curves", "heatmap", "paired"), default="curves",
+                   help="the figure (default: curves)")
+    s.add_argument("results", help="a results .parquet file or a grid's output directory")
+    s.add_argument("--out", help="the image file (default: <kind>.png beside the results)")
+    s.add_argument("--hue", default="aggregator",
+                   help="curves, paired: the column that colours lines / points (default: aggregator)")
     s.add_argument("--col", default=None, help="one panel per value of this column")
-    s.add_argument("--metric", default="test_accuracy")
-    s.add_argument("--stat", default="best", choices=("best", "final"))
+    s.add_argument("--metric", default="test_accuracy",
+                   help="the metric column plotted (default: test_accuracy)")
+    s.add_argument("--stat", default="best", choices=("best", "final"),
+                   help="heatmap, paired: each run's best or final value of the metric (default: best)")
     s.add_argument("--x", help="heatmap: column on the x axis (e.g. batch_size)")
     s.add_argument("--y", help="heatmap: column on the y axis (e.g. f_real)")
     s.add_argument("--field", help="paired: the field compared (e.g. momentum_at)")
     s.add_argument("--a", help="paired: first value (x axis)")
     s.add_argument("--b", help="paired: second value (y axis)")
     s.set_defaults(fn=_cmd_plot)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    if argv is None:  # the `jbyz` command (not a call from a session): figures go to files only
+        import matplotlib
+
+        matplotlib.use("Agg")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plot"] and len(argv) > 1 and argv[1] not in ("curves", "heatmap", "paired"):
         argv.insert(1, "curves")  # `jbyz plot RESULTS` = curves

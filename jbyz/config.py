@@ -175,7 +175,20 @@ class RunConfig:
         return self.f_real if self.f is None else self.f
 
     def replace(self, **changes) -> "RunConfig":
-        return from_dict({**self.to_dict(), **changes})
+        """A copy with ``changes`` applied (validated as :func:`from_dict`).
+
+        As in configuration files, a component given anew (``attack="alie"``, or a table
+        ``attack={"name": "alie", "z": 1.5}``) starts from its own defaults: the previous
+        component's hyper-parameters are dropped unless ``<component>_kwargs`` is given too. The
+        same name as before keeps them.
+        """
+        d = self.to_dict()
+        for c in _COMPONENTS:
+            if c in changes and f"{c}_kwargs" not in changes:
+                v = changes[c]
+                if isinstance(v, Mapping) or v != getattr(self, c):
+                    d[f"{c}_kwargs"] = {}
+        return from_dict({**d, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -389,6 +402,7 @@ class Experiment:
     source: Path | None = None
     blocks: tuple = ()
     execution: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    plugins: tuple = ()  # modules imported before the runs were built ([run] plugins)
 
     def runs(self) -> list[RunConfig]:
         """Every grid point, in a deterministic order (duplicates removed)."""
@@ -427,7 +441,18 @@ def load_experiment(path: str | Path | None = None, *, text: str | None = None) 
     if extra:
         raise ConfigError(f"{path}: unknown table(s) {sorted(extra)}; valid tables: [run], [sweep], "
                           "[[grid]], [execution], [output]")
-    base = from_dict(raw.get("run", {}))
+    run = dict(raw.get("run", {}))
+    plugins = run.pop("plugins", [])
+    if isinstance(plugins, str):
+        plugins = [plugins]
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"{path}: [run] plugins must be a list of module names or .py paths, "
+                          f"got {plugins!r}")
+    from jbyz.plugins import load_plugins
+
+    # Before the runs are built: the plugins register the components the file names.
+    load_plugins(plugins, base_dir=Path(path).parent if path else None)
+    base = from_dict(run)
     sweep = dict(raw.get("sweep", {}))
     blocks = raw.get("grid", [])
     if isinstance(blocks, Mapping):
@@ -451,4 +476,5 @@ def load_experiment(path: str | Path | None = None, *, text: str | None = None) 
     GridOptions.from_dict(execution)  # reports unknown / invalid options now
     default_dir = Path("runs") / (Path(path).stem if path else "experiment")
     out = Path(raw.get("output", {}).get("dir", default_dir))
-    return Experiment(base, sweep, out, Path(path) if path else None, tuple(blocks), execution)
+    return Experiment(base, sweep, out, Path(path) if path else None, tuple(blocks), execution,
+                      tuple(plugins))

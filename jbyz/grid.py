@@ -416,7 +416,9 @@ def _rows_to_frame(batch: Batch, rows: list[dict], meta: dict):
     cfg_cols = {}
     for i, c in enumerate(batch.configs):
         d = c.to_dict()
-        d["run_id"] = d["config_hash"] = c.config_hash()
+        d["run_id"] = c.config_hash()
+        d["f"] = c.f_declared  # the value the run used (None in the configuration = f_real)
+        d.update(results_mod.hyperparameter_columns(d))  # aggregator.tau, attack.z, ...
         cfg_cols[i] = d
     extra = pd.DataFrame([cfg_cols[i] for i in df["_run"]])
     df = pd.concat([extra.reset_index(drop=True), df.drop(columns="_run").reset_index(drop=True)], axis=1)
@@ -552,7 +554,7 @@ def collect(out_dir: str | Path, pl: Plan | None = None):
     frames = [pd.read_parquet(p) for p in sorted(parts.glob("*.parquet"))]
     if not frames:
         raise FileNotFoundError(f"no finished batches under {parts}")
-    df = pd.concat(frames, ignore_index=True)
+    df = results_mod.normalize(pd.concat(frames, ignore_index=True))  # parts of earlier versions too
     if pl is not None:
         order = {c.config_hash(): i for i, c in enumerate(pl.configs)}
         df = df[df["run_id"].isin(order)].copy()

@@ -1,8 +1,15 @@
 """Tidy results tables: one row per (run, evaluation step), Parquet on disk, pandas in memory.
 
-Every configuration field is a column, beside ``run_id``, ``config_hash``, the metrics and the
-versions of jbyz / jax / the device that produced them (:func:`run_metadata`). Files are written
+Every configuration field is a column, beside ``run_id`` (the configuration's hash), the
+metrics and the versions of jbyz / jax / the device that produced them (:func:`run_metadata`).
+``f`` holds the declared ``f`` the run used (``f_real`` when the configuration left it unset).
+Scalar hyper-parameters of components are columns of their own, named ``<component>.<name>``
+(``aggregator.tau``, ``attack.z``, ``model.width``, ``lr_schedule.every``,
+:func:`hyperparameter_columns`); the ``<component>_kwargs`` columns keep every hyper-parameter
+given, as JSON text, so a row still describes its configuration completely. Files are written
 atomically (temporary file + rename), so a killed process never leaves a half-written table.
+Tables written by earlier versions (a ``config_hash`` column, ``f`` empty, hyper-parameters only
+as JSON) load into the same shape (:func:`normalize`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,46 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
+# Configuration fields holding a component's hyper-parameters -> the prefix of their columns.
+KWARGS_FIELDS = {
+    "dataset_kwargs": "dataset",
+    "model_kwargs": "model",
+    "aggregator_kwargs": "aggregator",
+    "attack_kwargs": "attack",
+    "latency_kwargs": "latency",
+    "lr_schedule_kwargs": "lr_schedule",
+}
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (bool, int, float, str))
+
+
+def hyperparameter_columns(kwargs_by_field) -> dict:
+    """``{"aggregator.tau": 1.0, ...}``: the scalar hyper-parameters given to each component.
+
+    Args:
+      kwargs_by_field: a mapping with ``<component>_kwargs`` entries (a
+        :meth:`~jbyz.config.RunConfig.to_dict`, or a results row), each a dict or its JSON text.
+
+    Lists, tables and ``None`` stay in the ``<component>_kwargs`` column only.
+    """
+    out = {}
+    for field, prefix in KWARGS_FIELDS.items():
+        kw = kwargs_by_field.get(field)
+        if isinstance(kw, str):
+            try:
+                kw = json.loads(kw)
+            except ValueError:
+                continue
+        if not isinstance(kw, dict):
+            continue
+        for k, v in kw.items():
+            if _is_scalar(v):
+                out[f"{prefix}.{k}"] = v
+    return out
+
+
 def _flatten_cell(v):
     if isinstance(v, (dict, list, tuple)):
         return json.dumps(v, sort_keys=True, default=str)
@@ -53,11 +100,54 @@ def _flatten_cell(v):
 
 
 def tidy(df: pd.DataFrame) -> pd.DataFrame:
-    """Turns nested config values (dicts, lists) into JSON strings so Parquet can store them."""
+    """Turns nested config values (dicts, lists) into JSON strings so Parquet can store them.
+
+    A hyper-parameter column (``aggregator.b``) whose components disagree on the type (numbers
+    here, text there) is stored as text.
+    """
     df = df.copy()
     for c in df.columns:
         if df[c].dtype == object:
             df[c] = df[c].map(_flatten_cell)
+            if "." in c:
+                types = {type(v) for v in df[c] if v is not None and v == v}
+                if len(types) > 1 and not types <= {int, float}:
+                    df[c] = df[c].map(lambda v: v if v is None or v != v else str(v))
+    return df
+
+
+def normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """Brings a results table to the current layout; tables already in it come back unchanged.
+
+    Tables written by earlier versions of jbyz: ``config_hash`` (a copy of ``run_id``) is
+    dropped, an empty ``f`` is filled with ``f_real`` (the declared ``f`` the run used), and the
+    scalar hyper-parameters in the ``<component>_kwargs`` JSON columns become
+    ``<component>.<name>`` columns (:func:`hyperparameter_columns`).
+    """
+    df = df.copy()
+    if "config_hash" in df.columns and "run_id" in df.columns:
+        h = df["config_hash"]
+        if (h.isna() | (h.astype(object) == df["run_id"].astype(object))).all():  # a copy (or absent)
+            df = df.drop(columns="config_hash")
+    if "f" in df.columns and "f_real" in df.columns and df["f"].isna().any():
+        f = df["f"].astype(object).where(df["f"].notna(), df["f_real"])
+        df["f"] = pd.to_numeric(f)
+        if df["f"].notna().all():
+            df["f"] = df["f"].astype("int64")
+    fields = [c for c in KWARGS_FIELDS if c in df.columns]
+    if fields:
+        cells = pd.DataFrame({c: df[c].map(_flatten_cell) if df[c].dtype == object else df[c]
+                              for c in fields}, index=df.index)
+        codes = cells.groupby(fields, dropna=False, sort=False).ngroup().to_numpy()
+        first = pd.Series(range(len(df))).groupby(codes).first()  # few distinct kwargs: parse once
+        per_code = pd.DataFrame([hyperparameter_columns(dict(zip(fields, cells.iloc[i])))
+                                 for i in first.to_numpy()], index=first.index)
+        expanded = per_code.reindex(codes).set_axis(df.index)
+        for c in expanded.columns:
+            if c in df.columns:
+                df[c] = df[c].where(df[c].notna(), expanded[c])
+            else:
+                df[c] = expanded[c]
     return df
 
 
@@ -128,7 +218,41 @@ def load_results(path: str | Path) -> pd.DataFrame:
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no .parquet results under {str(path)!r}")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return normalize(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """The columns that tell the configurations of ``df`` apart (``seed`` excepted), readably.
+
+    Every configuration field and ``<component>.<name>`` hyper-parameter column that varies,
+    except the redundant ones: a ``<component>_kwargs`` JSON column whose hyper-parameters are
+    all scalars (its ``<component>.<name>`` columns say the same) and ``f`` where it equals
+    ``f_real`` in every row.
+    """
+    from jbyz.config import FIELDS
+
+    prefixes = tuple(f"{p}." for p in KWARGS_FIELDS.values())
+    cols = [c for c in df.columns if (c in FIELDS or c.startswith(prefixes)) and c != "seed"
+            and df[c].astype(str).nunique(dropna=False) > 1]
+
+    def all_scalar(field):
+        def one(v):
+            if isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except ValueError:
+                    return False
+            return isinstance(v, dict) and all(_is_scalar(x) for x in v.values())
+        return bool(df[field].map(one).all())
+
+    out = []
+    for c in cols:
+        if c in KWARGS_FIELDS and all_scalar(c):
+            continue
+        if c == "f" and "f_real" in df.columns and (df["f"] == df["f_real"]).all():
+            continue
+        out.append(c)
+    return out
 
 
 def summarize(
@@ -148,9 +272,7 @@ def summarize(
       One row per configuration with ``final_mean, final_std, best_mean, best_std, seeds``.
     """
     if by is None:
-        from jbyz.config import FIELDS
-
-        by = [c for c in df.columns if c in FIELDS and c != "seed" and df[c].nunique(dropna=False) > 1]
+        by = config_columns(df)
     key = ["run_id"] if "run_id" in df.columns else [*by, "seed"]
     cols = {c: (c, "first") for c in by if c not in key}
     per_run = (

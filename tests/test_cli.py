@@ -55,7 +55,8 @@ def test_run_writes_table_summary_and_plot(tmp_path):
     assert cli.main(["run", str(p), "--out", str(out), "--no-progress"]) == 0
     df = results.load_results(out / "results.parquet")
     assert len(df) == 4 * 3  # 4 runs x evaluations at steps 0, 10, 20
-    assert {"aggregator", "attack", "seed", "step", "test_accuracy", "jax_version", "config_hash"} <= set(df.columns)
+    assert {"aggregator", "attack", "seed", "step", "test_accuracy", "jax_version", "run_id", "f"} <= set(df.columns)
+    assert "config_hash" not in df.columns  # run_id is the one id column
     meta = results.read_metadata(out / "results.parquet")
     assert meta["jax_version"]
     summ = pd.read_csv(out / "summary.csv")
@@ -97,3 +98,39 @@ lr = [0.1, 0.05]
         select(runs, ["seed=7"])
     with pytest.raises(ConfigError, match="unknown field 'sed'"):
         select(runs, ["sed=1"])
+
+
+def test_every_option_and_command_has_help_text():
+    import argparse
+
+    from jbyz.cli import build_parser
+
+    def walk(parser, where):
+        seen = 0
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                assert set(helps) == set(action.choices), where
+                for name, sub in action.choices.items():
+                    assert (helps[name] or "").strip(), f"{where} {name}: command without help"
+                    seen += walk(sub, f"{where} {name}")
+                continue
+            assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, \
+                f"{where}: option {action.option_strings or action.dest} has no help text"
+            seen += 1
+        return seen
+
+    assert walk(build_parser(), "jbyz") >= 30  # every command's every argument was looked at
+
+
+def test_version_option(capsys):
+    from jbyz import __version__, cli, results
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"jbyz {__version__}"
+    import importlib.metadata
+
+    assert importlib.metadata.version("jbyz") == __version__  # pyproject reads jbyz.__version__
+    assert results.run_metadata()["jbyz_version"] == __version__

@@ -80,3 +80,22 @@ def test_config_hash_stable_and_sensitive():
     a, b = RunConfig(), RunConfig()
     assert a.config_hash() == b.config_hash()
     assert a.config_hash() != a.replace(lr=0.2).config_hash()
+
+
+def test_replace_with_a_new_component_resets_its_kwargs():
+    # As in configuration files: a component given anew starts from its own defaults.
+    cfg = RunConfig(attack="sign_flip", attack_kwargs={"scale": -10.0},
+                    aggregator="centered_clip", aggregator_kwargs={"tau": 1.0})
+    alie = cfg.replace(attack="alie")
+    assert alie.attack == "alie" and dict(alie.attack_kwargs) == {}
+    assert validate(alie) == []                               # the old 'scale' is gone
+    assert dict(alie.aggregator_kwargs) == {"tau": 1.0}       # other components untouched
+    assert dict(cfg.replace(attack="sign_flip").attack_kwargs) == {"scale": -10.0}  # same name: kept
+    table = cfg.replace(attack={"name": "alie", "z": 1.5})
+    assert (table.attack, dict(table.attack_kwargs)) == ("alie", {"z": 1.5})
+    given = cfg.replace(attack="alie", attack_kwargs={"z": 2.0})
+    assert dict(given.attack_kwargs) == {"z": 2.0}
+    assert dict(cfg.replace(aggregator="median").aggregator_kwargs) == {}
+    # The old behaviour kept the kwargs and failed validation on them:
+    stale = RunConfig(**{**cfg.to_dict(), "attack": "alie", "preaggregators": ()})
+    assert any("has no hyper-parameter(s) 'scale'" in e for e in validate(stale))

@@ -1,0 +1,48 @@
+"""Sphinx configuration of the jbyz documentation (``sphinx-build -W docs docs/_build``)."""
+
+import importlib.metadata
+
+project = "jbyz"
+author = "jbyz authors"
+copyright = "jbyz authors, Apache-2.0"
+try:
+    release = importlib.metadata.version("jbyz")
+except importlib.metadata.PackageNotFoundError:  # not installed: read the source tree
+    release = "dev"
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",  # the docstrings are Google style (Args:, Returns:, Attributes:)
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "myst_parser",  # pages (and the experiments' READMEs) are Markdown
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build", "README.md"]
+myst_enable_extensions = ["dollarmath"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": True, "show-inheritance": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_ivar = False
+
+html_theme = "furo"
+html_title = f"jbyz {release}"
+
+
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+    """NamedTuple fields are documented by their class's ``Attributes:`` section; autodoc would
+    list them a second time with the generated "Alias for field number N" docstrings."""
+    doc = getattr(obj, "__doc__", None) or ""
+    if isinstance(doc, str) and doc.startswith("Alias for field number"):
+        return True
+    return skip
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_namedtuple_fields)

@@ -1,0 +1,104 @@
+"""Results tables: the declared f, hyper-parameters as columns, one id column, earlier layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from jbyz import grid, results
+from jbyz.config import RunConfig
+
+BASE = RunConfig(dataset="digits", model="mlp", model_kwargs={"hidden": [16]}, n_workers=7,
+                 f_real=2, batch_size=8, steps=10, eval_every=10, diagnostics=False,
+                 aggregator="centered_clip", aggregator_kwargs={"tau": 1.0},
+                 attack="alie", attack_kwargs={"z": 1.5})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    cfgs = [BASE, BASE.replace(f=3, aggregator_kwargs={"tau": 0.5})]
+    table = grid.run_grid(cfgs, out, grid.GridOptions(), progress=False, log=None)
+    return out, cfgs, table
+
+
+def test_rows_carry_declared_f_and_scalar_hyperparameters(tiny):
+    out, cfgs, table = tiny
+    df = results.load_results(out / "results.parquet")
+    assert "config_hash" not in df.columns and "run_id" in df.columns
+    by_id = {c.config_hash(): c for c in cfgs}
+    assert set(df["run_id"]) == set(by_id)
+    for run_id, rows in df.groupby("run_id"):
+        c = by_id[run_id]
+        assert (rows["f"] == c.f_declared).all()           # 2 where f was left unset, 3 declared
+        assert (rows["aggregator.tau"] == c.aggregator_kwargs["tau"]).all()
+        assert (rows["attack.z"] == 1.5).all()
+        assert json.loads(rows["attack_kwargs"].iloc[0]) == {"z": 1.5}  # the full record stays
+    assert sorted(df.drop_duplicates("run_id")["f"]) == [2, 3]
+    assert "model.hidden" not in df.columns                  # a list: kept in model_kwargs only
+    assert df.columns.tolist() == table.columns.tolist()
+
+
+def test_summary_groups_by_readable_columns(tiny):
+    _, _, table = tiny
+    s = results.summarize(table)
+    assert "aggregator.tau" in s.columns and "f" in s.columns
+    assert "aggregator_kwargs" not in s.columns              # said by aggregator.tau
+    assert sorted(s["aggregator.tau"]) == [0.5, 1.0]
+    same_f = table.assign(f=table["f_real"])
+    assert "f" not in results.config_columns(same_f)         # f = f_real everywhere: redundant
+
+
+def _old_layout(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as jbyz wrote it before: config_hash beside run_id, f empty, kwargs as JSON only."""
+    old = df.drop(columns=[c for c in df.columns if "." in c])
+    old["config_hash"] = old["run_id"]
+    old["f"] = None
+    return old
+
+
+def test_tables_of_earlier_versions_load_in_the_current_layout(tiny, tmp_path):
+    out, cfgs, table = tiny
+    part = sorted((out / "parts").glob("*.parquet"))[0]
+    meta = results.read_metadata(part)
+    old = _old_layout(pd.read_parquet(part))
+    old_file = results.write_table(old, tmp_path / "old.parquet", meta)
+    assert pd.read_parquet(old_file)["f"].isna().all()
+    back = results.load_results(old_file)
+    assert "config_hash" not in back.columns
+    assert back["f"].tolist() == back["f_real"].tolist()    # f unset: the run used f_real
+    assert back["f"].dtype == "int64"
+    assert (back["attack.z"] == 1.5).all() and set(back["aggregator.tau"]) <= {0.5, 1.0}
+    assert results.normalize(back).equals(back)                # the current layout is a fixed point
+
+
+def test_grid_mixing_parts_of_both_layouts_gives_one_layout(tiny, tmp_path):
+    out, cfgs, table = tiny
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for p in sorted((out / "parts").glob("*.parquet")):
+        results.write_table(_old_layout(pd.read_parquet(p)), parts / p.name, results.read_metadata(p))
+    only = cfgs[0]
+    results.write_table(table[table["run_id"] == only.config_hash()], parts / "new.parquet")
+    pl = grid.plan(cfgs, grid.GridOptions())
+    df = grid.collect(tmp_path, pl)
+    assert "config_hash" not in df.columns
+    assert df["f"].notna().all() and df["aggregator.tau"].notna().all()
+    assert len(df) == len(table)
+
+
+def test_hyperparameter_columns_and_mixed_types():
+    cols = results.hyperparameter_columns({
+        "aggregator_kwargs": '{"tau": 0.1, "iters": 3, "start": "zero"}',
+        "attack_kwargs": {"z": None, "sign": "minus"},
+        "model_kwargs": {"hidden": [16, 16]},
+        "lr_schedule_kwargs": {"every": "epoch"},
+    })
+    assert cols == {"aggregator.tau": 0.1, "aggregator.iters": 3, "aggregator.start": "zero",
+                    "attack.sign": "minus", "lr_schedule.every": "epoch"}
+    # Two components spelling one hyper-parameter as a number and as text: stored as text.
+    df = results.tidy(pd.DataFrame({"aggregator.b": [2, "auto", None], "lr": [0.1, 0.1, 0.1]}))
+    b = df["aggregator.b"].tolist()
+    assert b[:2] == ["2", "auto"] and pd.isna(b[2])
