@@ -1,6 +1,6 @@
 """Robust aggregation rules ``[n, d] -> [d]`` and their registry.
 
-Every factory returns a :class:`jbyz.types.Aggregator` whose ``apply`` is
+Every factory returns a :class:`jbyz.types.AggregationRule` whose ``apply`` is
 
 ``apply(x [n, d], valid [n] bool, f int32[], key, state) -> (out [d] float32, new_state)``.
 
@@ -58,6 +58,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import functools
 import inspect
 import numbers
@@ -70,7 +72,7 @@ from jax import lax
 from jbyz import _sorting as S
 from jbyz.registry import ConfigError, Registry
 from jbyz.registry import concrete_number as _concrete
-from jbyz.types import Aggregator
+from jbyz.types import AggregationRule
 
 Array = jax.Array
 
@@ -156,9 +158,9 @@ def _check_sort(rule: str, sort) -> None:
     _choice(rule, "sort", sort, (None, "network", "bitonic", "sort"))
 
 
-def _make(name, apply, requirement, init=None) -> Aggregator:
+def _make(name, apply, requirement, init=None) -> AggregationRule:
     kw = {} if init is None else {"init": init}
-    return Aggregator(name=name, apply=apply, requirement=requirement, **kw)
+    return AggregationRule(name=name, apply=apply, requirement=requirement, **kw)
 
 
 def _sorted(x, valid, method):
@@ -171,7 +173,7 @@ def _sorted(x, valid, method):
 
 @AGGREGATORS.register("mean", "Arithmetic mean of the valid inputs (not robust).", "-")
 @memoize
-def mean() -> Aggregator:
+def mean() -> AggregationRule:
     r"""Arithmetic mean of the valid rows.
 
     .. math:: \mathrm{out} = \frac{1}{n} \sum_{i \text{ valid}} x_i
@@ -179,7 +181,7 @@ def mean() -> Aggregator:
     Not robust: one input can move it arbitrarily, and a NaN/inf valid row poisons it.
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`; ``apply(x [n, d], valid [n], f, key, state)`` returns
+      An :class:`~jbyz.types.AggregationRule`; ``apply(x [n, d], valid [n], f, key, state)`` returns
       ``([d], ())``.
     """
 
@@ -201,7 +203,7 @@ def mean() -> Aggregator:
     "Yin, Chen, Ramchandran, Bartlett, ICML 2018",
 )
 @memoize
-def median(even: str = "mean", sort: str | None = None) -> Aggregator:
+def median(even: str = "mean", sort: str | None = None) -> AggregationRule:
     r"""Coordinate-wise median (CM).
 
     .. math:: \mathrm{out}_k = \mathrm{median}\{x_{1k}, \dots, x_{nk}\}
@@ -216,7 +218,7 @@ def median(even: str = "mean", sort: str | None = None) -> Aggregator:
       sort: sorting method for the worker axis (``None``: chosen by ``n``; see ``_sorting``).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`.
+      An :class:`~jbyz.types.AggregationRule`.
 
     References:
       Yin, Chen, Ramchandran, Bartlett. Byzantine-robust distributed learning: towards optimal
@@ -239,7 +241,7 @@ def median(even: str = "mean", sort: str | None = None) -> Aggregator:
     "Yin, Chen, Ramchandran, Bartlett, ICML 2018",
 )
 @memoize
-def trimmed_mean(b=None, sort: str | None = None) -> Aggregator:
+def trimmed_mean(b=None, sort: str | None = None) -> AggregationRule:
     r"""Coordinate-wise trimmed mean (TM).
 
     Per coordinate, sort the ``n`` values, drop the ``b`` smallest and the ``b`` largest and
@@ -253,7 +255,7 @@ def trimmed_mean(b=None, sort: str | None = None) -> Aggregator:
       sort: sorting method for the worker axis (``None``: chosen by ``n``).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`.
+      An :class:`~jbyz.types.AggregationRule`.
 
     References:
       Yin, Chen, Ramchandran, Bartlett. Byzantine-robust distributed learning: towards optimal
@@ -304,7 +306,7 @@ def _closest_to_centre(centre_fn, sort):
     "Xie, Koyejo, Gupta, arXiv:1802.10116, 2018",
 )
 @memoize
-def meamed(even: str = "mean", sort: str | None = None) -> Aggregator:
+def meamed(even: str = "mean", sort: str | None = None) -> AggregationRule:
     r"""Mean around the median (MeaMed).
 
     Per coordinate, the average of the ``n - f`` values closest to the coordinate-wise median:
@@ -318,7 +320,7 @@ def meamed(even: str = "mean", sort: str | None = None) -> Aggregator:
       sort: sorting method for the worker axis.
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`. Needs ``n >= 2f + 1``.
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1``.
 
     References:
       Xie, Koyejo, Gupta. Generalized Byzantine-tolerant SGD. arXiv:1802.10116, 2018.
@@ -337,7 +339,7 @@ def meamed(even: str = "mean", sort: str | None = None) -> Aggregator:
     "Xie, Koyejo, Gupta, arXiv:1805.09682, 2018",
 )
 @memoize
-def phocas(sort: str | None = None) -> Aggregator:
+def phocas(sort: str | None = None) -> AggregationRule:
     r"""Phocas.
 
     Per coordinate, the average of the ``n - f`` values closest to the coordinate-wise trimmed
@@ -347,7 +349,7 @@ def phocas(sort: str | None = None) -> Aggregator:
       sort: sorting method for the worker axis.
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`. Needs ``n >= 2f + 1``.
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1``.
 
     References:
       Xie, Koyejo, Gupta. Phocas: dimensional Byzantine-resilient stochastic gradient descent.
@@ -358,6 +360,33 @@ def phocas(sort: str | None = None) -> Aggregator:
     return _make(
         "phocas", apply, _requirement("phocas", "n >= 2f + 1", lambda n, f: n >= 2 * f + 1)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Variance-norm bounds (El Mhamdi, Guerraoui, Rouault, ICLR 2021, Sec. 3 and App. A)
+
+
+def variance_norm_bound(rule: str, n: int, f: int) -> float | None:
+    r"""The largest variance-norm ratio :math:`\sqrt{r}` under which a rule's guarantee holds.
+
+    For Krum, Multi-Krum and Bulyan (their Lemma / Blanchard et al.'s condition, as the
+    authors' code ``aggregators/krum.py`` and ``bulyan.py`` compute it)
+
+    .. math:: \kappa = \Big(2\big(n - f + \tfrac{f\,(n + f(n - f - 2) - 2)}{n - 2f - 2}\big)\Big)^{-1/2}
+
+    and for the coordinate-wise median :math:`\kappa = 1/\sqrt{n - f}`; ``n`` counts every
+    worker (Byzantine included) and ``f`` is the declared count. Other rules: ``None`` (no bound
+    stated). A step "satisfies the bound" when :func:`jbyz.simulate.variance_norm_ratio`
+    :math:`r < \kappa^2`.
+    """
+    n, f = int(n), int(f)
+    if rule in ("krum", "multi_krum", "bulyan"):
+        if n - 2 * f - 2 <= 0:
+            return None
+        return 1.0 / math.sqrt(2.0 * (n - f + f * (n + f * (n - f - 2) - 2) / (n - 2 * f - 2)))
+    if rule == "median":
+        return 1.0 / math.sqrt(n - f)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +430,7 @@ def _krum_requirement(rule):
     "Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017",
 )
 @memoize
-def krum(distance: str = "squared", neighbours: str = "paper") -> Aggregator:
+def krum(distance: str = "squared", neighbours: str = "paper") -> AggregationRule:
     r"""Krum.
 
     .. math:: s_i = \sum_{j \in N_i} \|x_i - x_j\|^2,\qquad \mathrm{out} = x_{\arg\min_i s_i}
@@ -414,7 +443,7 @@ def krum(distance: str = "squared", neighbours: str = "paper") -> Aggregator:
       neighbours: ``"paper"`` (``n - f - 2``) or ``"code"`` (``n - f - 1``, ByzantineMomentum).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`. Needs ``n >= 2f + 3``. Exact score ties (e.g. both ends
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 3``. Exact score ties (e.g. both ends
       of the closest pair when one neighbour counts) go to the row with the smaller sum of
       distances to all others, then the lower index, so the rule is permutation invariant.
 
@@ -448,7 +477,7 @@ def krum(distance: str = "squared", neighbours: str = "paper") -> Aggregator:
     "El Mhamdi, Guerraoui, Rouault, ICLR 2021",
 )
 @memoize
-def multi_krum(m=None, distance: str = "squared", neighbours: str = "paper") -> Aggregator:
+def multi_krum(m=None, distance: str = "squared", neighbours: str = "paper") -> AggregationRule:
     r"""Multi-Krum.
 
     The average of the ``m`` inputs with the smallest Krum scores (see :func:`krum`).
@@ -460,7 +489,7 @@ def multi_krum(m=None, distance: str = "squared", neighbours: str = "paper") -> 
       neighbours: ``"paper"`` (``n - f - 2``) or ``"code"`` (``n - f - 1``).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`. Needs ``n >= 2f + 3`` and ``1 <= m <= n - f``.
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 3`` and ``1 <= m <= n - f``.
 
     References:
       Blanchard et al. NeurIPS 2017; El Mhamdi, Guerraoui, Rouault. Distributed momentum for
@@ -576,7 +605,7 @@ def bulyan(
     distance: str | None = None,
     even: str | None = None,
     sort: str | None = None,
-) -> Aggregator:
+) -> AggregationRule:
     r"""Bulyan.
 
     ``variant="classic"`` (the paper): starting from all inputs ``R``, pick the Krum winner of
@@ -584,7 +613,7 @@ def bulyan(
     selection ``S``, ``theta = n - 2f`` times. Then per coordinate, average the
     ``beta = theta - 2f`` values of ``S`` closest to the coordinate-wise median of ``S``.
 
-    ``variant="multikrum"`` (the ByzantineMomentum code, spec §4(d)): rank the inputs once by
+    ``variant="multikrum"`` (the ByzantineMomentum code of El Mhamdi et al.): rank the inputs once by
     Multi-Krum score (Euclidean distances, ``n - f - 2`` neighbours); the ``i``-th selected
     vector (``i < n - 2f - 2``) is the average of the inputs ranked ``i .. n - f - 3`` (the code's
     score update after each pick is a no-op); then per coordinate, average the ``n - 4f - 2``
@@ -599,7 +628,7 @@ def bulyan(
       sort: sorting method for the worker axis.
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`. Needs ``n >= 4f + 3``.
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 4f + 3``.
 
     References:
       El Mhamdi, Guerraoui, Rouault. The hidden vulnerability of distributed learning in
@@ -652,7 +681,7 @@ def bulyan(
     "Pillutla, Kakade, Harchaoui, IEEE TSP 2022",
 )
 @memoize
-def geometric_median(iters: int = 8, nu=0.1, start: str = "median") -> Aggregator:
+def geometric_median(iters: int = 8, nu=0.1, start: str = "median") -> AggregationRule:
     r"""Geometric median (RFA) by the smoothed Weiszfeld algorithm.
 
     Approximates :math:`\arg\min_z \sum_i \alpha_i \|z - x_i\|` with ``alpha_i = 1/n`` by ``T``
@@ -674,7 +703,7 @@ def geometric_median(iters: int = 8, nu=0.1, start: str = "median") -> Aggregato
         (the reference code).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`.
+      An :class:`~jbyz.types.AggregationRule`.
 
     References:
       Pillutla, Kakade, Harchaoui. Robust aggregation for federated learning. IEEE TSP 2022;
@@ -730,7 +759,7 @@ def geometric_median(iters: int = 8, nu=0.1, start: str = "median") -> Aggregato
     "Karimireddy, He, Jaggi, ICML 2021",
 )
 @memoize
-def centered_clip(tau=0.1, iters: int = 1, start: str = "previous") -> Aggregator:
+def centered_clip(tau=0.1, iters: int = 1, start: str = "previous") -> AggregationRule:
     r"""Centered clipping (CC).
 
     Starting from the centre ``v`` (the previous aggregate, kept in the state), repeat ``L``
@@ -752,7 +781,7 @@ def centered_clip(tau=0.1, iters: int = 1, start: str = "previous") -> Aggregato
         reference code); ``"zero"``: start every step from 0 (stateless).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`; with ``start="previous"`` its state is the last
+      An :class:`~jbyz.types.AggregationRule`; with ``start="previous"`` its state is the last
       aggregate ``[d]`` (``init(n, d)`` gives zeros; a ``()`` state is read as zeros).
 
     Example::
@@ -829,7 +858,7 @@ def centered_clip(tau=0.1, iters: int = 1, start: str = "previous") -> Aggregato
     "El Mhamdi, Guerraoui, Rouault, ICLR 2021 (after Rousseeuw 1985)",
 )
 @memoize
-def mda(max_subsets: int = 2**16) -> Aggregator:
+def mda(max_subsets: int = 2**16) -> AggregationRule:
     r"""Minimum-diameter averaging (MDA).
 
     .. math:: S^\star = \operatorname{arg\,min}_{|S| = n - f}\ \max_{i, j \in S}\|x_i - x_j\|,
@@ -850,7 +879,7 @@ def mda(max_subsets: int = 2**16) -> Aggregator:
         enumeration costs ``O(2^n n^2)``.
 
     Returns:
-      An :class:`~jbyz.types.Aggregator`. Needs ``n >= 2f + 1`` and ``2^n <= max_subsets``.
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1`` and ``2^n <= max_subsets``.
 
     References:
       El Mhamdi, Guerraoui, Rouault. Distributed momentum for Byzantine-resilient stochastic
@@ -912,10 +941,25 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
+# MoNNA, SMEA, CAF, DnC, FLTrust: the kernels live in jbyz/aggregators_extra.py (which imports
+# only _sorting, registry and types, so the dependency points one way); registered here, memoised
+# like the rules above, and reachable as jbyz.aggregators.<name>.
+
+from jbyz import aggregators_extra as _extra  # noqa: E402
+
+for _rule in _extra.RULES:
+    globals()[_rule.name] = AGGREGATORS.register(_rule.name, _rule.description, _rule.reference)(
+        memoize(_rule.factory)
+    )
+    __all__.append(_rule.name)
+del _rule
+
+
+# --------------------------------------------------------------------------------------------
 # dSTAR (registered as "dstar"; the rule lives in jbyz/algorithms/dstar.py, which registers it
 # with the description "dSTAR filter (reconstruction): mean of the k - f first-k responders
 # closest to an ensemble median of the responders and the server's validation gradient." and the
-# reference "Yan, Chaudhari, Kleinrock, arXiv:2412.07151, 2024 (reconstruction, spec §3(b))").
+# reference "Yan, Chaudhari, Kleinrock, arXiv:2412.07151, 2024 (reconstruction from the abstract)").
 # Importing it here makes the registry complete whichever module is imported first.
 
 import importlib as _importlib  # noqa: E402

@@ -52,12 +52,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "grad_method": ("auto", "vmap", "unroll", "map"),
     "byzantine_arrival": ("honest", "first"),
     "augment": ("none", "flip", "crop_flip"),
+    "augment_test": ("none", "flip"),
+    "nesterov_form": ("pytorch", "lookahead"),
+    "sampling": ("replacement", "epoch_stream"),
+    "train_forward": ("train", "eval"),
+    "clip_form": ("radius", "unit"),
 }
 
 # Fields added after results were first published, with a default that reproduces the earlier
 # behaviour: left out of the config hash (a run's id) while at that default, so results computed
 # before a field existed keep their ids and a grid still resumes.
-_HASH_OMIT_AT_DEFAULT = {"augment": "none", "curvature_window": None, "momentum_first": "gradient"}
+_HASH_OMIT_AT_DEFAULT = {"augment": "none", "curvature_window": None, "momentum_first": "gradient",
+                         "augment_test": "none", "nesterov_form": "pytorch",
+                         "sampling": "replacement", "train_forward": "train", "clip_form": "radius"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +96,17 @@ class RunConfig:
         papers' choice, default) or ``zero`` (``u_0 = 0``, so ``u_1 = (1 - mu) g_1``, as ByzFL).
         Only for ``momentum_at="worker"`` with ``momentum_form="ema"``; the server's EMA is
         ``optax.ema(debias=False)``, which always starts from zero.
+      nesterov_form: what ``nesterov=True`` means. ``pytorch`` (default): gradients at
+        :math:`\\theta_t`, the worker sends :math:`g_t + \\mu m_t` (at the server: the update is
+        :math:`G_t + \\mu M_t`), PyTorch's and optax's reformulation. ``lookahead`` (El Mhamdi et
+        al.'s code): the gradient is taken at the look-ahead point, each worker's own
+        :math:`\\theta_t - \\eta_t \\mu m^{(i)}_{t-1}` when momentum is at the workers (which
+        then send :math:`m^{(i)}_t`), or :math:`\\theta_t - \\eta_t \\mu M_{t-1}` for every
+        worker when it is at the server (update :math:`\\theta_{t+1} = \\theta_t - \\eta_t M_t`).
       clip_per_worker: honest workers clip their gradient to this L2 norm before momentum.
+      clip_form: ``radius`` (default): :math:`g \\min(1, c/\\|g\\|)`; ``unit``: a gradient longer
+        than ``c`` is rescaled to norm 1 (El Mhamdi et al.'s ICLR 2021 code snapshot, corrected
+        in their repository in May 2021).
       weight_decay, l2_form: L2 regularisation added to the loss, ``squared`` (wd/2 ||w||^2) or
         ``norm`` (wd ||w||, as El Mhamdi et al.'s code).
       normalize: step along the normalised aggregate (ByzSGDnm).
@@ -126,6 +143,20 @@ class RunConfig:
         Byzantine fraction, :math:`T = \\lceil C / (B\\, m\\, (1 - \\delta)) \\rceil` with ``m`` =
         ``n_workers`` and :math:`\\delta` = ``f_real / n_workers`` (``steps`` is then derived and
         any value given for it is replaced).
+      augment_test: ``none`` or ``flip``: a fresh random horizontal flip of every test image
+        at each evaluation (El Mhamdi et al.'s code applies its training transforms to the test
+        set too, on Fashion-MNIST and CIFAR).
+      sampling: how workers draw their mini-batches. ``replacement`` (default): each worker
+        draws ``batch_size`` indices uniformly with replacement from its share. ``epoch_stream``
+        (El Mhamdi et al.'s code, a shuffled PyTorch ``DataLoader``): one random permutation of
+        the training set per epoch, shared by all workers; at step ``t`` the ``h`` honest workers
+        take the next ``h`` consecutive batches of the stream, so every example is used once
+        per epoch; the last batch of an epoch holds the ``N mod B`` remaining examples (the
+        loss averages over them only). Needs ``split="shared"``.
+      train_forward: ``train`` (default) or ``eval``: the mode of the training forward pass.
+        ``eval`` runs it as at test time (dropout off, BatchNorm on its running statistics,
+        which then never change from their initial values): what El Mhamdi et al.'s code does,
+        by accident, for its CIFAR CNN.
       seed: seeds data split, model initialisation and every random draw of the run.
     """
 
@@ -168,6 +199,11 @@ class RunConfig:
     compute_budget: int | None = None
     augment: str = "none"
     curvature_window: int | None = None
+    nesterov_form: str = "pytorch"
+    clip_form: str = "radius"
+    augment_test: str = "none"
+    sampling: str = "replacement"
+    train_forward: str = "train"
     seed: int = 0
 
     @property
@@ -205,11 +241,29 @@ class RunConfig:
         for k, default in _HASH_OMIT_AT_DEFAULT.items():
             if d.get(k) == default:
                 del d[k]
+        if d.get("attack") == "alie":
+            d["attack_kwargs"] = _alie_hash_kwargs(d.get("attack_kwargs") or {})
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+# ALIE's default z was Baruch et al.'s formula until jbyz 0.1 and is 1.5 since (the value of
+# jbyz.attacks.ALIE_DEFAULT_Z; config sits below the attacks and cannot import it). The z a run
+# uses enters its id: a config leaving z unset hashes as z = 1.5 (so results stored for the
+# former default are never reused for it), one asking for the formula (z = "baruch") hashes as z
+# left unset did before, and configs giving z keep their ids.
+_ALIE_DEFAULT_Z = 1.5
+
+
+def _alie_hash_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    kw = dict(kwargs)
+    if "z" not in kw:
+        kw["z"] = _ALIE_DEFAULT_Z
+    elif kw["z"] == "baruch":
+        del kw["z"]
+    return kw
 _COMPONENTS = ("dataset", "model", "aggregator", "attack", "latency")
 
 
@@ -319,6 +373,19 @@ def validate(cfg: RunConfig) -> list[str]:
     if cw is not None and (not isinstance(cw, int) or isinstance(cw, bool) or cw < 1):
         errors.append(f"curvature_window must be an integer >= 1 (steps of gradient history, e.g. "
                       f"150 as El Mhamdi et al. on MNIST) or omitted, got {cw!r}")
+    if cfg.sampling == "epoch_stream" and cfg.split != "shared":
+        errors.append(f"sampling='epoch_stream' (one shuffled stream shared by all workers) needs "
+                      f"split='shared', got split={cfg.split!r}; use sampling='replacement'")
+    if cfg.clip_form != "radius" and cfg.clip_per_worker is None:
+        errors.append(f"clip_form={cfg.clip_form!r} needs clip_per_worker (the clipping threshold c)")
+    if cfg.nesterov_form != "pytorch" and not (cfg.nesterov and cfg.momentum_at in ("worker", "server")
+                                               and cfg.momentum > 0):
+        errors.append(f"nesterov_form={cfg.nesterov_form!r} needs nesterov=true and momentum > 0 at "
+                      f"the workers or the server (got nesterov={cfg.nesterov}, "
+                      f"momentum_at={cfg.momentum_at!r}, momentum={cfg.momentum})")
+    if cfg.nesterov_form == "lookahead" and cfg.normalize:
+        errors.append("nesterov_form='lookahead' with normalize=true is not defined (the look-ahead "
+                      "point uses the un-normalised server momentum); use nesterov_form='pytorch'")
     if not (cfg.lr > 0):
         errors.append(f"lr must be > 0, got {cfg.lr}")
     if not (0.0 <= cfg.momentum < 1.0):

@@ -17,6 +17,8 @@ Registered datasets (``DATASETS``):
   are accepted too). Pixels / 255, then ``(x - mean) / std`` with MNIST (0.1307, 0.3081) as in
   El-Mhamdi et al. (2021) and Fashion-MNIST (0.2860, 0.3530), the training set's pixel mean and std
   (computed from the 60,000 training images: 0.28604, 0.35302). Shape (28, 28, 1).
+  ``normalize=False`` keeps the pixels in [0, 1] (El-Mhamdi et al.'s code does not normalise
+  Fashion-MNIST).
 * ``cifar10`` / ``cifar100`` (Krizhevsky 2009): the python-pickle archives (``cifar-10-batches-py``
   / ``cifar-100-python`` folders or the ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``
   files, read without extracting). Per-channel normalisation of El-Mhamdi et al. (2021): means
@@ -219,7 +221,8 @@ def _missing(name: str, searched: list[Path], how: str) -> ConfigError:
 
 
 def _load_idx_dataset(
-    name: str, folder_name: str, env_var: str, mean_std, data_dir, how: str
+    name: str, folder_name: str, env_var: str, mean_std, data_dir, how: str,
+    normalize: bool = True,
 ) -> Dataset:
     searched = _candidates(folder_name, env_var, data_dir)
     folder = next((p for p in searched if p.is_dir() and _has_idx(p)), None)
@@ -232,7 +235,7 @@ def _load_idx_dataset(
         if a.ndim != 3:
             raise ConfigError(f"{folder}: expected [N, H, W] images, got shape {a.shape}")
         x = a.astype(np.float32)[..., None] / 255.0
-        return (x - np.float32(mean)) / np.float32(std)
+        return (x - np.float32(mean)) / np.float32(std) if normalize else x
 
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
@@ -390,10 +393,11 @@ def _stratified_test_indices(y: np.ndarray, test_size: int, seed: int) -> np.nda
 
 @DATASETS.register(
     "mnist",
-    "MNIST from the IDX files; normalised (0.1307, 0.3081).",
+    "MNIST from the IDX files; normalised (0.1307, 0.3081), or pixels in [0, 1] with "
+    "normalize=false.",
     "LeCun et al. 1998",
 )
-def mnist(data_dir: str | None = None) -> Dataset:
+def mnist(data_dir: str | None = None, normalize: bool = True) -> Dataset:
     return _load_idx_dataset(
         "mnist",
         "mnist",
@@ -403,16 +407,18 @@ def mnist(data_dir: str | None = None) -> Dataset:
         "Put the four IDX files (train-images-idx3-ubyte.gz, ...; from "
         "http://yann.lecun.com/exdb/mnist/ or a mirror) in $JBYZ_DATA_DIR/mnist, or set "
         "JBYZ_MNIST_DIR, or pass data_dir=; or use load_dataset('tfds', tfds_name='mnist').",
+        normalize=bool(normalize),
     )
 
 
 @DATASETS.register(
     "fashion_mnist",
     "Fashion-MNIST from the IDX files (Debian: /usr/share/datasets/fashion-mnist); "
-    "normalised (0.2860, 0.3530).",
+    "normalised (0.2860, 0.3530), or pixels in [0, 1] with normalize=false (as El Mhamdi et al.'s "
+    "code).",
     "Xiao et al. 2017",
 )
-def fashion_mnist(data_dir: str | None = None) -> Dataset:
+def fashion_mnist(data_dir: str | None = None, normalize: bool = True) -> Dataset:
     return _load_idx_dataset(
         "fashion_mnist",
         "fashion-mnist",
@@ -423,6 +429,7 @@ def fashion_mnist(data_dir: str | None = None) -> Dataset:
         "dataset-fashion-mnist), or put the four IDX files from "
         "https://github.com/zalandoresearch/fashion-mnist in $JBYZ_DATA_DIR/fashion-mnist, or set "
         "JBYZ_FASHION_MNIST_DIR, or pass data_dir=.",
+        normalize=bool(normalize),
     )
 
 
@@ -767,6 +774,72 @@ def sample_indices(key, indices_row, size, batch_size: int) -> jax.Array:
     """
     pos = jax.random.randint(key, (batch_size,), 0, jnp.asarray(size, jnp.int32))
     return jnp.asarray(indices_row)[pos]
+
+
+def _mix32(x):
+    """A 32-bit integer mixing function (the murmur3 finaliser); uint32 in, uint32 out."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def permute_index(key, p, n: int, rounds: int = 4):
+    """Position ``p`` of a pseudo-random permutation of ``range(n)`` chosen by ``key``.
+
+    A keyed Feistel network (``rounds`` rounds; Luby & Rackoff, SIAM J. Comput. 1988) permutes
+    ``[0, 4^w)`` with ``4^w >= n``; cycle walking (re-applying it while the value is ``>= n``;
+    Black & Rogaway, CT-RSA 2002) restricts it to a permutation of ``[0, n)``. So any position of
+    a shuffled epoch is computed on its own, in O(1), without materialising or sorting the
+    ``n``-element permutation: a mini-batch costs O(batch) inside the jitted step. The expected
+    number of walks is at most ``4^w / n < 4``.
+
+    Args:
+      key: PRNG key (one per epoch).
+      p: int32 array of positions in ``[0, n)``.
+      n: the domain size (static).
+
+    Returns:
+      int32 array of the same shape: the permuted indices, distinct for distinct ``p``.
+    """
+    n = int(n)
+    w = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask = jnp.uint32((1 << w) - 1)
+    ks = jax.random.bits(key, (rounds,), jnp.uint32)
+
+    def feistel(x):
+        left, right = x >> w, x & mask
+        for r in range(rounds):
+            left, right = right, left ^ (_mix32(right ^ ks[r]) & mask)
+        return (left << w) | right
+
+    x = feistel(jnp.asarray(p, jnp.uint32))
+    x = jax.lax.while_loop(lambda x: jnp.any(x >= n),
+                           lambda x: jnp.where(x >= n, feistel(x), x), x)
+    return x.astype(jnp.int32)
+
+
+def stream_batch(key, b, n: int, batch_size: int):
+    """Batch number ``b`` of an endless stream of shuffled epochs over ``range(n)``.
+
+    The stream is what a shuffled PyTorch ``DataLoader`` (``drop_last=False``) yields, restarted
+    at each epoch: every epoch is a fresh permutation (:func:`permute_index` with
+    ``fold_in(key, epoch)``) cut into ``ceil(n / B)`` batches, the last one holding the
+    ``n mod B`` remaining examples. Batch ``b`` is batch ``b mod ceil(n / B)`` of epoch
+    ``b // ceil(n / B)``. Traceable (``b`` may be traced).
+
+    Returns:
+      ``(indices int32 [B], mask bool [B])``: ``mask`` is ``False`` on the positions past the end
+      of a short last batch (their index is a valid but unused example).
+    """
+    nb = -(-int(n) // int(batch_size))
+    b = jnp.asarray(b, jnp.int32)
+    epoch, k = b // nb, b % nb
+    pos = k * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
+    mask = pos < n
+    idx = permute_index(jax.random.fold_in(key, epoch), jnp.where(mask, pos, 0), n)
+    return idx, mask
 
 
 def augment_images(key, x, kind: str, pad: int = 4):

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbyz import results as results_mod
+from jbyz.attacks import resolved_columns
 from jbyz.config import RunConfig, validate
 from jbyz.registry import ConfigError
 
@@ -298,7 +299,7 @@ class BatchRunner:
             prog = self.prog
 
             def f(carry, test):
-                one = lambda c: prog.evaluate(c.params, c.model_state, test)
+                one = lambda c: prog.evaluate(c.params, c.model_state, test, c.eval_key)
                 return self._mapped(one, self.local)(carry)
 
             self._eval = jax.jit(self._shard(f, (True, False), True))
@@ -386,7 +387,7 @@ def run_batch(program, batch: Batch, options: GridOptions, ndev: int, *, bar=Non
         ms = {k: _to_host(v)[:R] for k, v in (ms or {}).items()}
         for i in range(R):
             row = {"step": step, **{k: float(v[i]) for k, v in evals.items()},
-                   **{k: float(v[i]) for k, v in ms.items()}}
+                   **{k: (v[i].tolist() if v.ndim > 1 else float(v[i])) for k, v in ms.items()}}
             row["_run"] = i
             rows.append(row)
 
@@ -419,6 +420,7 @@ def _rows_to_frame(batch: Batch, rows: list[dict], meta: dict):
         d["run_id"] = c.config_hash()
         d["f"] = c.f_declared  # the value the run used (None in the configuration = f_real)
         d.update(results_mod.hyperparameter_columns(d))  # aggregator.tau, attack.z, ...
+        d.update(resolved_columns(c.attack, c.attack_kwargs, c.n_workers, c.f_real))  # z used
         cfg_cols[i] = d
     extra = pd.DataFrame([cfg_cols[i] for i in df["_run"]])
     df = pd.concat([extra.reset_index(drop=True), df.drop(columns="_run").reset_index(drop=True)], axis=1)

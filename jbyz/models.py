@@ -159,6 +159,35 @@ _he_normal = _variance_scaling(2.0, "fan_out", "normal")
 _zeros, _ones = _constant(0.0), _constant(1.0)
 
 
+def _torch_uniform(fan_in: int):
+    r"""PyTorch's default ``nn.Linear`` / ``nn.Conv2d`` initialisation for weights and biases:
+    :math:`U(-1/\sqrt{\text{fan\_in}}, 1/\sqrt{\text{fan\_in}})` (``kaiming_uniform_`` with
+    ``a = sqrt(5)`` gives this bound for the weights; the biases use the same bound), i.e. a
+    standard deviation of :math:`1/\sqrt{3\,\text{fan\_in}}`."""
+    bound = 1.0 / math.sqrt(max(int(fan_in), 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        if isinstance(key, jax.core.Tracer):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+        u = _host_rng(key).uniform(-bound, bound, tuple(int(s) for s in shape))
+        return jnp.asarray(u.astype(np.dtype(dtype)))
+
+    return init
+
+
+INITS = ("lecun", "torch")
+
+
+def _check_init(model: str, init: str) -> str:
+    if init not in INITS:
+        raise ConfigError(
+            f"{model} init must be one of {', '.join(map(repr, INITS))}, got {init!r} "
+            "('lecun': LeCun normal weights, zero biases; 'torch': PyTorch's default uniform "
+            "weights and biases)"
+        )
+    return init
+
+
 # --------------------------------------------------------------------------------------------
 # convolution with a loop-friendly kernel gradient
 # --------------------------------------------------------------------------------------------
@@ -274,16 +303,23 @@ def _loop_friendly_conv_general_dilated(
     return _conv2d(lhs, rhs, strides, pads, precision)
 
 
-def _linear(a: int, b: int, rngs) -> nnx.Linear:
+def _linear(a: int, b: int, rngs, init: str = "lecun") -> nnx.Linear:
+    if init == "torch":
+        return nnx.Linear(a, b, kernel_init=_torch_uniform(a), bias_init=_torch_uniform(a),
+                          rngs=rngs)
     return nnx.Linear(a, b, kernel_init=_lecun_normal, bias_init=_zeros, rngs=rngs)
 
 
 def _conv(
-    a: int, b: int, kernel, *, kernel_init=_lecun_normal, fast_grad: bool = True, **kw
+    a: int, b: int, kernel, *, kernel_init=_lecun_normal, fast_grad: bool = True,
+    init: str = "lecun", **kw
 ) -> nnx.Conv:
     if fast_grad:
         kw["conv_general_dilated"] = _loop_friendly_conv_general_dilated
-    return nnx.Conv(a, b, kernel, kernel_init=kernel_init, bias_init=_zeros, **kw)
+    bias_init = _zeros
+    if init == "torch":
+        kernel_init = bias_init = _torch_uniform(a * math.prod(kernel))
+    return nnx.Conv(a, b, kernel, kernel_init=kernel_init, bias_init=bias_init, **kw)
 
 
 def _batchnorm(c: int, rngs) -> nnx.BatchNorm:
@@ -326,9 +362,10 @@ def _need_key(name: str, train: bool, key):
 class LogReg(nnx.Module):
     """Multinomial logistic regression: ``logits = W vec(x) + b``."""
 
-    def __init__(self, input_shape: Sequence[int], num_outputs: int, *, rngs: nnx.Rngs):
+    def __init__(self, input_shape: Sequence[int], num_outputs: int, init: str = "lecun", *,
+                 rngs: nnx.Rngs):
         d = int(np.prod(input_shape))
-        self.linear = _linear(d, num_outputs, rngs)
+        self.linear = _linear(d, num_outputs, rngs, _check_init("logreg", init))
 
     def __call__(self, x, *, train: bool = False, key=None):
         return self.linear(x.reshape(x.shape[0], -1))
@@ -342,16 +379,18 @@ class MLP(nnx.Module):
         input_shape: Sequence[int],
         num_outputs: int,
         hidden: Sequence[int] = (100,),
+        init: str = "lecun",
         *,
         rngs: nnx.Rngs,
     ):
         sizes = [int(np.prod(input_shape)), *[int(h) for h in hidden]]
         if any(h <= 0 for h in sizes[1:]):
             raise ConfigError(f"mlp hidden sizes must be positive, got {tuple(hidden)}")
+        init = _check_init("mlp", init)
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            setattr(self, f"hidden{i}", _linear(a, b, rngs))
+            setattr(self, f"hidden{i}", _linear(a, b, rngs, init))
         self.n_hidden = len(sizes) - 1
-        self.out = _linear(sizes[-1], num_outputs, rngs)
+        self.out = _linear(sizes[-1], num_outputs, rngs, init)
 
     def __call__(self, x, *, train: bool = False, key=None):
         x = x.reshape(x.shape[0], -1)
@@ -417,10 +456,12 @@ class DMCNN(nnx.Module):
         hidden: int | None = None,
         dropout: float = 0.25,
         fast_conv_grad: bool = True,
+        init: str = "lecun",
         *,
         rngs: nnx.Rngs,
     ):
         h, w, c = _image_shape("dm_cnn", tuple(input_shape))
+        init = _check_init("dm_cnn", init)
         if hidden is None:
             hidden = 128 if num_outputs <= 10 else 256
         chans = [(c, 64), (64, 64), (64, 128), (128, 128)]
@@ -428,14 +469,15 @@ class DMCNN(nnx.Module):
             setattr(
                 self,
                 f"conv{i}",
-                _conv(a, b, (3, 3), padding="SAME", fast_grad=fast_conv_grad, rngs=rngs),
+                _conv(a, b, (3, 3), padding="SAME", fast_grad=fast_conv_grad, init=init,
+                      rngs=rngs),
             )
             setattr(self, f"bn{i}", _batchnorm(b, rngs))
         h, w = _pool_out(_pool_out(h)), _pool_out(_pool_out(w))
         if h < 1 or w < 1:
             raise ConfigError(f"dm_cnn needs inputs of at least 4x4, got {tuple(input_shape)}")
-        self.fc1 = _linear(h * w * 128, int(hidden), rngs)
-        self.fc2 = _linear(int(hidden), num_outputs, rngs)
+        self.fc1 = _linear(h * w * 128, int(hidden), rngs, init)
+        self.fc2 = _linear(int(hidden), num_outputs, rngs, init)
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"dm_cnn dropout must be in [0, 1), got {dropout}")
         self.rate = float(dropout)
@@ -576,18 +618,23 @@ class ResNet20(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-@MODELS.register("logreg", "Multinomial logistic regression (one linear layer).", "-")
-def logreg(input_shape, num_outputs, *, rngs):
-    return LogReg(input_shape, num_outputs, rngs=rngs)
+@MODELS.register(
+    "logreg",
+    "Multinomial logistic regression (one linear layer); init 'lecun' or 'torch'.",
+    "-",
+)
+def logreg(input_shape, num_outputs, *, rngs, init: str = "lecun"):
+    return LogReg(input_shape, num_outputs, init, rngs=rngs)
 
 
 @MODELS.register(
     "mlp",
-    "Fully connected ReLU network; default hidden=(100,): the 784-100-10 model.",
+    "Fully connected ReLU network; default hidden=(100,): the 784-100-10 model; init 'lecun' "
+    "(LeCun normal, zero biases) or 'torch' (PyTorch's default uniform, as El-Mhamdi et al.).",
     "El-Mhamdi et al. 2021 (simples-full)",
 )
-def mlp(input_shape, num_outputs, *, rngs, hidden: Sequence[int] = (100,)):
-    return MLP(input_shape, num_outputs, tuple(hidden), rngs=rngs)
+def mlp(input_shape, num_outputs, *, rngs, hidden: Sequence[int] = (100,), init: str = "lecun"):
+    return MLP(input_shape, num_outputs, tuple(hidden), init, rngs=rngs)
 
 
 @MODELS.register(
@@ -611,7 +658,7 @@ def lenet(
 @MODELS.register(
     "dm_cnn",
     "The distributed-momentum paper's CNN (4 conv + BN, dropout 0.25, FC 128 / 256 for > 10 "
-    "classes).",
+    "classes); init 'lecun' or 'torch' (PyTorch's default, as the authors' code).",
     "El-Mhamdi, Guerraoui & Rouault 2021 (empire-cnn)",
 )
 def dm_cnn(
@@ -622,8 +669,9 @@ def dm_cnn(
     hidden: int | None = None,
     dropout: float = 0.25,
     fast_conv_grad: bool = True,
+    init: str = "lecun",
 ):
-    return DMCNN(input_shape, num_outputs, hidden, dropout, fast_conv_grad, rngs=rngs)
+    return DMCNN(input_shape, num_outputs, hidden, dropout, fast_conv_grad, init, rngs=rngs)
 
 
 @MODELS.register(
@@ -852,22 +900,32 @@ def resolve_grad_method(model: FunctionalModel, method: str = "auto") -> str:
     return method
 
 
-def map_workers(fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+def map_workers(fn: Callable[..., Any], method: str, params_axis: int | None = None
+                ) -> Callable[..., Any]:
     """Maps ``fn(params, state, x, y, key)`` over a leading worker axis of ``x, y, key``.
 
-    ``params`` and ``state`` are shared. ``method`` is ``"vmap"``, ``"map"`` (``lax.map``) or
-    ``"unroll"`` (a Python loop over the static worker count; see :func:`per_worker_grads`).
-    Returns a function with the same arguments whose outputs have a leading worker axis.
+    ``state`` is shared; ``params`` too, or per worker (leading axis) with ``params_axis=0``
+    (e.g. each worker's Nesterov look-ahead point). ``x`` and ``y`` may be pytrees. ``method`` is
+    ``"vmap"``, ``"map"`` (``lax.map``) or ``"unroll"`` (a Python loop over the static worker
+    count; see :func:`per_worker_grads`). Returns a function with the same arguments whose
+    outputs have a leading worker axis.
     """
+    if params_axis not in (None, 0):
+        raise ValueError(f"params_axis must be None or 0, got {params_axis!r}")
 
     def mapped(params, state, x, y, keys):
         if method == "vmap":
-            return jax.vmap(fn, in_axes=(None, None, 0, 0, 0))(params, state, x, y, keys)
+            return jax.vmap(fn, in_axes=(params_axis, None, 0, 0, 0))(params, state, x, y, keys)
         if method == "map":
-            return jax.lax.map(lambda a: fn(params, state, *a), (x, y, keys))
+            if params_axis is None:
+                return jax.lax.map(lambda a: fn(params, state, *a), (x, y, keys))
+            return jax.lax.map(lambda a: fn(a[0], state, *a[1:]), (params, x, y, keys))
         if method != "unroll":
             raise ConfigError(f"unknown per-worker method {method!r}; use 'vmap', 'map' or 'unroll'")
-        outs = [fn(params, state, x[i], y[i], keys[i]) for i in range(x.shape[0])]
+        take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+        n = jax.tree.leaves(x)[0].shape[0]
+        outs = [fn(params if params_axis is None else take(params, i), state, take(x, i),
+                   take(y, i), keys[i]) for i in range(n)]
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
 
     return mapped

@@ -1,6 +1,6 @@
 """One training run: a configuration -> a pure, jitted ``lax.scan`` over steps -> metrics.
 
-The pipeline of one step (design.md §1)::
+The pipeline of one step::
 
     keys -> per-worker batches (sampled on device) -> per-worker gradients (vmap)
          -> clip / worker momentum -> attack -> [diagnostics] -> pre-aggregation + aggregation
@@ -44,6 +44,11 @@ _SALT_DROPOUT = 1
 _SALT_TX = 2
 _SALT_PROTOCOL = 3
 _SALT_AUGMENT = 4
+_SALT_STREAM = 5
+_SALT_EVAL = 6
+
+# Diagnostics also recorded step by step (a list per evaluation row, ``<name>_steps``).
+PER_STEP_METRICS = ("train_loss", "vnr_sampled", "vnr_submitted")
 
 # Fields a compiled program takes as array arguments (vary freely inside one group of a grid).
 DYNAMIC_FIELDS = ("seed", "lr", "momentum", "weight_decay", "f_real", "f", "clip_per_worker",
@@ -60,6 +65,7 @@ class Carry(NamedTuple):
     proto_state: Any  # the latency model's per-run state (per-worker speeds)
     clock: jax.Array  # simulated wall-clock time
     curvature: Any = ()  # CurvatureState when cfg.curvature_window is set
+    eval_key: Any = ()  # key of the next evaluation's random test flips (augment_test)
 
 
 class Dyn(NamedTuple):
@@ -102,6 +108,9 @@ class RunResult:
         df = pd.DataFrame(self.history)
         for k, v in self.config.to_dict().items():
             df[k] = [v] * len(df) if isinstance(v, (dict, list)) else v
+        c = self.config
+        for k, v in attacks.resolved_columns(c.attack, c.attack_kwargs, c.n_workers, c.f_real).items():
+            df[k] = v  # what the attack resolved from the setting (ALIE's z: column attack.z)
         return df
 
     @property
@@ -251,20 +260,30 @@ class Program:
         return int(split.indices.shape[1])
 
     # ------------------------------------------------------------------ optimiser pieces
+    def worker_stages(self, dyn: Dyn):
+        """The honest workers' two stages ``(clip, momentum)`` (identity where off).
+
+        They act on the gradient rows only: the first ``n - grad_rows`` slots are Byzantine in
+        every run of the group, and the attack overwrites them anyway.
+        """
+        cfg, rows = self.cfg, self.grad_rows
+        ident = optax.with_extra_args_support(optax.identity())
+        clip = mom = ident
+        if cfg.clip_per_worker is not None:
+            clip = transforms.clip_per_worker(dyn.clip, rows, form=cfg.clip_form)
+        if self.momentum_on and cfg.momentum_at == "worker":
+            mom = transforms.worker_momentum(
+                dyn.momentum, rows, form=cfg.momentum_form,
+                nesterov=cfg.nesterov and cfg.nesterov_form == "pytorch",
+                first=cfg.momentum_first)
+        return clip, mom
+
     def transforms(self, dyn: Dyn):
         """The four optax stages of a run, closed over its dynamic values (traced or concrete)."""
         cfg, n = self.cfg, self.n
-        # The worker stages act on the gradient rows only: the first n - grad_rows slots are
-        # Byzantine in every run of the group, and the attack overwrites them anyway.
-        worker, rows = [], self.grad_rows
-        if cfg.clip_per_worker is not None:
-            worker.append(transforms.clip_per_worker(dyn.clip, rows))
-        if self.momentum_on and cfg.momentum_at == "worker":
-            worker.append(transforms.worker_momentum(
-                dyn.momentum, rows, form=cfg.momentum_form, nesterov=cfg.nesterov,
-                first=cfg.momentum_first))
-        tx_worker = optax.chain(*worker) if worker else optax.with_extra_args_support(optax.identity())
-        tx_byz = transforms.byzantine(self.attack, dyn.f_real, n)
+        tx_worker = optax.chain(*self.worker_stages(dyn))
+        tx_byz = transforms.byzantine(self.attack, dyn.f_real, n,
+                                      labels_flipped=self.attack.flips_labels)
         tx_agg = transforms.robust_aggregate(self.aggregator, dyn.f, n, preaggregators=self.pre)
         server = []
         if cfg.normalize:
@@ -273,7 +292,8 @@ class Program:
             if cfg.momentum_form == "ema":
                 server.append(optax.ema(dyn.momentum, debias=False))
             else:
-                server.append(optax.trace(dyn.momentum, nesterov=cfg.nesterov))
+                server.append(optax.trace(
+                    dyn.momentum, nesterov=cfg.nesterov and cfg.nesterov_form == "pytorch"))
         sched = self.lr_schedule(dyn.lr)
         server.append(optax.scale_by_learning_rate(sched))
         return tx_worker, tx_byz, tx_agg, optax.chain(*server)
@@ -311,17 +331,30 @@ class Program:
             proto = self.latency.init(key, self.n)
         curv = () if self.cfg.curvature_window is None else curvature_init(self.cfg.curvature_window, p)
         return Carry(p, jax.tree.map(jnp.asarray, inp.model_state0), *(tx.init(p) for tx in txs),
-                     proto, jnp.zeros([], jnp.float32), curv)
+                     proto, jnp.zeros([], jnp.float32), curv, self._eval_key(inp.dyn, 0))
+
+    def _eval_key(self, dyn: Dyn, t):
+        """The key of the random test flips of the evaluation after ``t`` steps (or ``()``)."""
+        if self.cfg.augment_test == "none":
+            return ()
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(dyn.seed), _SALT_EVAL), t)
 
     # ------------------------------------------------------------------ the step
-    def _loss(self, flat, mstate, x, y, key, wd):
+    def _loss(self, flat, mstate, x, y, key, wd, mask=None):
         cfg = self.cfg
         params = self.unravel(flat)
-        out, new_state = self.model.apply(params, mstate, x, train=True, key=key)
+        train = cfg.train_forward == "train"
+        out, new_state = self.model.apply(params, mstate, x, train=train, key=key)
+        if not train:  # eval-mode forward: the running statistics are not updated
+            new_state = mstate
         if self.dataset.task == "regression":
-            loss = jnp.mean(jnp.square(out.reshape(y.shape) - y))
+            per = jnp.square(out.reshape(y.shape) - y)
         else:
-            loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+            per = optax.softmax_cross_entropy_with_integer_labels(out, y)
+        if mask is None:
+            loss = per.mean()
+        else:  # a short last batch of an epoch (sampling="epoch_stream")
+            loss = jnp.sum(jnp.where(mask, per, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
         if cfg.weight_decay > 0:
             sq = jnp.sum(jnp.square(flat))
             loss = loss + (0.5 * wd * sq if cfg.l2_form == "squared" else wd * jnp.sqrt(sq))
@@ -337,6 +370,20 @@ class Program:
         wkeys = jax.vmap(lambda w: jax.random.fold_in(step_key, w))(worker_ids)
         idx = jax.vmap(data.sample_indices, in_axes=(0, 0, 0, None))(
             wkeys, inp.indices[first:], inp.sizes[first:], cfg.batch_size)
+        bmask = None
+        if cfg.sampling == "epoch_stream":
+            # One shuffled stream of epochs shared by the workers: at step t the h honest
+            # workers (slots f_real .. n_valid - 1, in order) take batches t h .. t h + h - 1.
+            # Other slots that compute a gradient (Byzantine label flippers) keep their own
+            # with-replacement draws.
+            h = dyn.n_valid - dyn.f_real
+            j = worker_ids - dyn.f_real
+            use = (j >= 0) & (j < h)
+            skey = jax.random.fold_in(jax.random.key(dyn.seed), _SALT_STREAM)
+            sidx, smask = jax.vmap(lambda b: data.stream_batch(
+                skey, b, self.n_worker_samples, cfg.batch_size))(t * h + jnp.clip(j, 0, None))
+            idx = jnp.where(use[:, None], sidx, idx)
+            bmask = jnp.where(use[:, None], smask, True)
         xb, yb = x_all[idx], y_all[idx]
         if cfg.augment != "none":
             akeys = jax.vmap(lambda k: jax.random.fold_in(k, _SALT_AUGMENT))(wkeys)
@@ -346,10 +393,23 @@ class Program:
         if self.attack.flips_labels:
             yb = jnp.where(byz[first:, None], data.flip_labels(yb, self.dataset.num_classes), yb)
         dkeys = jax.vmap(lambda k: jax.random.fold_in(k, _SALT_DROPOUT))(wkeys)
+        tx_clip, tx_mom = self.worker_stages(dyn)
+        # Where the gradients are taken: theta, or (nesterov_form="lookahead") the look-ahead
+        # point theta - lr_t mu m of each worker's momentum (at the workers) or of the server's.
+        at, params_axis = carry.params, None
+        if cfg.nesterov and cfg.nesterov_form == "lookahead":
+            step_len = self.lr_schedule(dyn.lr)(t) * dyn.momentum
+            if cfg.momentum_at == "worker":
+                at = carry.params[None, :] - step_len * carry.worker_state[1].momentum
+                params_axis = 0
+            else:
+                at = carry.params - step_len * _server_momentum(carry.server_state)
         loss = functools.partial(self._loss, wd=dyn.weight_decay)
         grad_fn = models.map_workers(
-            lambda *a: jax.value_and_grad(loss, has_aux=True)(*a), self.grad_method)
-        (losses, new_mstates), grads = grad_fn(carry.params, carry.model_state, xb, yb, dkeys)
+            lambda p, s, x, y, k: jax.value_and_grad(loss, has_aux=True)(
+                p, s, x, y[0], k, mask=y[1]),
+            self.grad_method, params_axis=params_axis)
+        (losses, new_mstates), grads = grad_fn(at, carry.model_state, xb, (yb, bmask), dkeys)
         metrics = {}
         clock = carry.clock
         if self.latency is not None:
@@ -368,11 +428,14 @@ class Program:
         w_h = honest[first:].astype(jnp.float32) / jnp.sum(honest[first:])
         model_state = jax.tree.map(lambda s: jnp.tensordot(w_h, s, axes=1).astype(s.dtype), new_mstates)
 
-        tx_worker, tx_byz, tx_agg, tx_server = self.transforms(dyn)
+        _, tx_byz, tx_agg, tx_server = self.transforms(dyn)
         tx_key = jax.random.fold_in(step_key, n + _SALT_TX)
         extra = dict(valid=valid, key=tx_key)
-        sent, worker_state = tx_worker.update(grads, carry.worker_state, carry.params,
-                                              valid=valid[first:])
+        g_clip, clip_state = tx_clip.update(grads, carry.worker_state[0], carry.params,
+                                            valid=valid[first:])
+        sent, mom_state = tx_mom.update(g_clip, carry.worker_state[1], carry.params,
+                                        valid=valid[first:])
+        worker_state = (clip_state, mom_state)
         if first:  # the always-Byzantine slots, overwritten by the attack
             sent = jnp.concatenate([jnp.zeros((first,) + sent.shape[1:], sent.dtype), sent])
         sent, byz_state = tx_byz.update(sent, carry.byz_state, carry.params, **extra)
@@ -384,16 +447,16 @@ class Program:
         metrics["train_loss"] = jnp.sum(w_h * losses)
         if cfg.diagnostics:
             metrics.update(_diagnostics(sent, agg, honest))
+            metrics["vnr_sampled"] = variance_norm_ratio(g_clip, honest[first:])
+            metrics["vnr_submitted"] = variance_norm_ratio(sent, honest)
         curv = carry.curvature
         if cfg.curvature_window is not None:
-            g_in = grads  # the gradients as they enter the momentum: after honest clipping
-            if cfg.clip_per_worker is not None:
-                g_in = transforms.clip_per_worker(dyn.clip, rows).update(grads, ())[0]
-            g_bar = jnp.tensordot(w_h, g_in, axes=1)
+            # the gradients as they enter the momentum: after honest clipping
+            g_bar = jnp.tensordot(w_h, g_clip, axes=1)
             mu = dyn.momentum if self.momentum_on else jnp.zeros([], jnp.float32)
             curv, metrics["composite_curvature"] = curvature_update(curv, g_bar, t, mu)
         new = Carry(params, model_state, worker_state, byz_state, agg_state, server_state,
-                    carry.proto_state, clock, curv)
+                    carry.proto_state, clock, curv, self._eval_key(dyn, t + 1))
         return new, metrics
 
     def _server_gradient(self, carry, step_key, train, dyn):
@@ -412,12 +475,20 @@ class Program:
             return self.step(c, t, inp, train)
 
         carry, ms = jax.lax.scan(body, carry, t0 + jnp.arange(length))
-        # Means over the chunk; the simulated clock is reported at the chunk's end.
-        return carry, {k: (v[-1] if k == "sim_time" else jnp.mean(v)) for k, v in ms.items()}
+        # Means over the chunk; the simulated clock is reported at the chunk's end. With
+        # diagnostics, PER_STEP_METRICS are also returned step by step (``<name>_steps``).
+        out = {k: (v[-1] if k == "sim_time" else jnp.mean(v)) for k, v in ms.items()}
+        if self.cfg.diagnostics:
+            out.update({f"{k}_steps": ms[k] for k in PER_STEP_METRICS if k in ms})
+        return carry, out
 
-    def evaluate(self, params, mstate, test):
-        """Test loss and accuracy of one run's parameters (chunks of 1000 images)."""
-        return evaluate_flat(self.model, self.unravel, self.dataset.task, params, mstate, *test)
+    def evaluate(self, params, mstate, test, key=()):
+        """Test loss and accuracy of one run's parameters (chunks of 1000 images); ``key``: the
+        random horizontal flips of the test images when ``augment_test="flip"``."""
+        x, y = test
+        if self.cfg.augment_test != "none":
+            x = data.augment_images(key, x, self.cfg.augment_test)
+        return evaluate_flat(self.model, self.unravel, self.dataset.task, params, mstate, x, y)
 
     # ------------------------------------------------------------------ compiled entry points
     def compiled_single(self):
@@ -425,7 +496,7 @@ class Program:
         if "single" not in self._compiled:
             init = jax.jit(self.init)
             chunk = jax.jit(self.chunk, static_argnums=(2,), donate_argnums=(0,))
-            ev = jax.jit(lambda c, test: self.evaluate(c.params, c.model_state, test))
+            ev = jax.jit(lambda c, test: self.evaluate(c.params, c.model_state, test, c.eval_key))
             self._compiled["single"] = (init, chunk, ev)
         return self._compiled["single"]
 
@@ -473,7 +544,7 @@ class Simulation:
             length = min(cfg.eval_every, cfg.steps - t)
             tc = time.perf_counter()
             carry, ms = chunk(carry, jnp.asarray(t, jnp.int32), length, inp, prog.train)
-            ms = {k: float(v) for k, v in ms.items()}
+            ms = {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in ms.items()}
             if t == 0:
                 compile_s = time.perf_counter() - tc  # first call includes compilation
             t += length
@@ -557,6 +628,35 @@ def curvature_update(state: CurvatureState, g_bar, t, mu) -> tuple[CurvatureStat
     s = jnp.sum(coef * dots)
     new = hist.at[t % K].set(g.reshape(hist.shape[1:]))
     return CurvatureState(new), s
+
+
+def _server_momentum(server_state):
+    """The momentum buffer inside the server chain's state (``optax.trace`` or ``optax.ema``)."""
+    for s in jax.tree.leaves(server_state, is_leaf=lambda s: isinstance(
+            s, (optax.TraceState, optax.EmaState))):
+        if isinstance(s, optax.TraceState):
+            return s.trace
+        if isinstance(s, optax.EmaState):
+            return s.ema
+    raise ValueError("no server momentum in the server state")  # pragma: no cover (validated)
+
+
+def variance_norm_ratio(x, rows) -> jax.Array:
+    r"""El Mhamdi et al.'s variance-norm ratio of the vectors ``x[rows]`` (``h`` of them):
+
+    .. math:: r = \frac{\frac{1}{h-1}\sum_{i}\|x_i - \bar x\|^2}{\|\bar x\|^2}
+
+    (the unbiased variance of the vectors over their mean's squared norm; ``(dev / norm)^2`` in
+    the authors' code, ``tools/pytorch.py`` and ``study.py``). Their Krum/Bulyan and Median
+    guarantees hold while :math:`\sqrt r` stays below the rule's bound
+    (:func:`jbyz.aggregators.variance_norm_bound`). NaN when ``h < 2``.
+    """
+    w = rows.astype(jnp.float32)
+    h = jnp.sum(w)
+    xs = jnp.where(rows[:, None], x.astype(jnp.float32), 0.0)
+    mu = (w @ xs) / h
+    var = jnp.sum(w * jnp.sum(jnp.square(xs - mu), axis=1)) / (h - 1.0)
+    return jnp.where(h >= 2, var / jnp.maximum(jnp.sum(mu * mu), 1e-30), jnp.nan)
 
 
 def _diagnostics(sent, agg, honest) -> dict[str, jax.Array]:
