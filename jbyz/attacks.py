@@ -15,7 +15,8 @@ Statistics over the honest rows (``H = {i : honest_i}``, ``n_h = |H|``, a traced
   sigma = sqrt((1 / (n_h - 1)) sum_{i in H} (x_i - mu)^2)      (coordinate-wise, unbiased)
 
 With n_h = 0 the mean is 0; with n_h <= 1 sigma is 0 (the unbiased estimate is undefined there).
-Attackers are omniscient: they see the honest vectors of the current round (spec §6.2).
+Attackers are omniscient: they see the honest vectors of the current round (the threat model of
+Baruch et al. 2019 and Karimireddy et al. 2021).
 
 Shapes never depend on the honest or Byzantine counts; every numeric hyper-parameter may be a
 traced array (a grid may vmap over ``z``, ``eps``, ``scale``, ``std``, ...); string options are

@@ -127,7 +127,7 @@ def randk(k: int | None = None, ratio: float | None = 0.01) -> Compressor:
     the round into ``key`` for independence across rounds.
 
     (Unlike ``VR_Byzantine/code/compressors/random_sparsification.py``, which zeroes
-    ``ceil(h d)`` coordinates and is biased unless ``h = 1/2``; see the spec §6.3.)
+    ``ceil(h d)`` coordinates, scales by ``d / ceil(h d)`` and is biased unless ``h = 1/2``.)
 
     Args:
       k: number of kept coordinates ``K`` (static int); or

@@ -1,6 +1,6 @@
 """Who contributes this step: worker latency models, first-k selection, asynchronous arrivals.
 
-Design (``design.md`` §4): the synchronous step is the special case of a mask ``[n]``. This
+The synchronous step is the special case of a mask ``[n]`` (who takes part). This
 module provides the pieces a simulator needs to decide *who arrives when*:
 
 * :data:`LATENCIES`, a :class:`~jbyz.registry.Registry` of worker latency models. A model is a
@@ -23,10 +23,10 @@ module provides the pieces a simulator needs to decide *who arrives when*:
   function of the run key and the per-worker job counters; the next event is the argmin of the
   finish times (ties by worker index).
 
-The latency models are reconstructions (spec §3(c) and §5(d), both ASSUMPTION): the shifted
+The latency models are assumptions (neither dSTAR nor OrMo could be read in full): the shifted
 exponential is the standard straggler model; the gamma model with shape 100 (coefficient of
-variation 0.1) follows the SMEGA² simulation code; the slow-subset and heterogeneous-speed models
-are the spec's proposals for the "heterogeneous" settings of OrMo and dSTAR.
+variation 0.1) follows the SMEGA² simulation code (Cohen et al. 2022); the slow-subset and
+heterogeneous-speed models are our proposals for the "heterogeneous" settings of OrMo and dSTAR.
 
 Example::
 
@@ -140,8 +140,8 @@ def constant(value: float = 1.0) -> LatencyModel:
 
 @LATENCIES.register(
     "shifted_exponential",
-    "tau = shift + scale * Exp(1): the standard straggler model (spec 3(c), ASSUMPTION).",
-    "Lee et al., IEEE Trans. Inf. Theory 2018 (coded computation); spec §3(c)",
+    "tau = shift + scale * Exp(1): the standard straggler model (ASSUMPTION for dSTAR).",
+    "Lee et al., IEEE Trans. Inf. Theory 2018 (coded computation)",
 )
 def shifted_exponential(shift: float = 1.0, scale: float = 1.0) -> LatencyModel:
     r"""Shifted exponential latency :math:`\tau = a + b\,E`, :math:`E \sim \mathrm{Exp}(1)`.
@@ -170,7 +170,7 @@ def shifted_exponential(shift: float = 1.0, scale: float = 1.0) -> LatencyModel:
 @LATENCIES.register(
     "gamma",
     "tau ~ Gamma(shape, scale); default shape 100 (CV 0.1, homogeneous) as in the SMEGA2 code.",
-    "Cohen, Hakimi, Schuster, ICPP 2022 (SMEGA2 code, main.py); spec §5(d)",
+    "Cohen, Hakimi, Schuster, ICPP 2022 (SMEGA2 code, main.py)",
 )
 def gamma(shape: float = 100.0, mean: float = 1.0) -> LatencyModel:
     r"""Gamma latency :math:`\tau \sim \Gamma(k, \theta)` with :math:`k\theta` = ``mean``.
@@ -216,7 +216,7 @@ def _scaled(name: str, base: LatencyModel, init) -> LatencyModel:
 @LATENCIES.register(
     "slow_subset",
     "A fixed subset of workers (default: the last half) is slow_factor times slower than the base model.",
-    "spec §3(c), §5(d) heterogeneous setting (ASSUMPTION)",
+    "ASSUMPTION: the heterogeneous setting of OrMo (Shi et al. 2024) and dSTAR (Yan et al. 2024)",
 )
 def slow_subset(
     base: str = "gamma",
@@ -232,8 +232,8 @@ def slow_subset(
     the first slots, so by default stragglers and Byzantine workers are disjoint), the *first*
     slots, or a uniformly random subset drawn once per run from the init key.
 
-    The heterogeneous setting of OrMo is not specified in the sources read; spec §5(d) proposes
-    half of the workers five times slower (ASSUMPTION).
+    The heterogeneous setting of OrMo is not specified in the parts of the paper we could read;
+    the default, half of the workers five times slower, is our ASSUMPTION.
 
     Args:
       base: the per-round model ``"constant"``, ``"shifted_exponential"`` or ``"gamma"``.
@@ -265,7 +265,7 @@ def slow_subset(
 @LATENCIES.register(
     "heterogeneous",
     "Per-worker speed factors drawn once per run (uniform or log-normal) times a base model.",
-    "spec §5(d) heterogeneous setting (ASSUMPTION)",
+    "ASSUMPTION: the heterogeneous setting of OrMo (Shi et al. 2024)",
 )
 def heterogeneous(
     base: str = "gamma",
@@ -358,7 +358,7 @@ def first_k(
 
     Workers are ranked by arrival time (ties by worker index); the valid workers of rank ``< k``
     are kept. With ``byzantine_arrival="first"`` Byzantine workers arrive at time 0, before every
-    honest worker (the worst case of dSTAR's first-k protocol, spec §3(b)); with ``"honest"`` they
+    honest worker (the worst case of dSTAR's first-k protocol); with ``"honest"`` they
     draw latencies like everyone else. ``k`` may be a traced integer: only ranks depend on it.
 
     .. math:: \text{mask}_i = \text{valid}_i \wedge \operatorname{rank}_i < k, \qquad

@@ -1,7 +1,8 @@
 r"""Asynchronous SGD as a vectorised event simulation inside ``lax.scan``: ASGD, naive ASGDm,
 OrMo, OrMo-DA, SMEGA², and the synchronous momentum SGD baseline (SSGDm).
 
-**The simulation.** ``K`` workers and one parameter server (spec §5(a)). Each scan step is *one
+**The simulation.** ``K`` workers and one parameter server (the setting of Shi, Yang, Li,
+NeurIPS 2024, arXiv:2407.19234, §1). Each scan step is *one
 arrival*: the next event is the argmin of the workers' finish times (ties by worker index, as a
 priority queue keyed by ``(time, worker)``); that worker's mini-batch gradient is computed at
 *its own copy* of the parameters (the model it was last sent, possibly stale), the server
@@ -14,7 +15,8 @@ momenta like a synchronous run. Computing a gradient at arrival instead of at di
 nothing: it depends only on the worker's parameter copy and its mini-batch.
 
 One arrival consumes one mini-batch of ``B`` samples (shared i.i.d. data), so an epoch is
-``N_train / B`` arrivals *in total* (the SMEGA² protocol, spec §5(d), ASSUMPTION for OrMo).
+``N_train / B`` arrivals *in total* (the protocol of the SMEGA² code, Cohen et al. 2022;
+ASSUMPTION for OrMo, whose protocol we could not read).
 Simulated wall-clock time is the clock of the latest arrival (time units of the latency model).
 
 **Dispatch.** ``dispatch="async"`` (default): the arriving worker gets a model at once.
@@ -27,14 +29,14 @@ staleness ``s = t - j``, arrival staleness ``τ`` = number of server updates sin
 model was sent; ``η`` is the learning rate *per gradient*, see below):
 
 * ``asgd``: :math:`w \leftarrow w - \eta g`.
-* ``asgdm`` (naive ASGD with momentum, spec §5(a)): :math:`u \leftarrow \beta u + \eta g,\;
+* ``asgdm`` (naive ASGD with momentum, OrMo's baseline): :math:`u \leftarrow \beta u + \eta g,\;
   w \leftarrow w - u` on every arrival, whatever the staleness.
-* ``ssgdm`` (spec §5(b)): barrier dispatch; the ``K`` gradients of iteration ``t`` are computed at
-  :math:`w_t`; :math:`u_{t+1} = \beta u_t + \eta \sum_k g^k_t,\; w_{t+1} = w_t - u_{t+1}`.
+* ``ssgdm`` (OrMo's synchronous reference, as in its Fig. 1): barrier dispatch; the ``K``
+  gradients of iteration ``t`` are computed at :math:`w_t`; :math:`u_{t+1} = \beta u_t + \eta \sum_k g^k_t,\; w_{t+1} = w_t - u_{t+1}`.
   (Per-gradient ``η`` with a sum, as each block of the paper's Fig. 1 is "ηg": an effective step
   ``ηK`` per iteration -- ASSUMPTION; pass ``lr / K`` for the mean form.)
-* ``ormo`` (spec §5(c), **ASSUMPTION -- a reconstruction**; the paper's Algorithm 1 could not be
-  read). Momentum in iteration order:
+* ``ormo`` (**ASSUMPTION -- a reconstruction** from the paper's abstract and Fig. 1; its
+  Algorithm 1 could not be read). Momentum in iteration order:
 
   1. :math:`u \leftarrow u + \beta^{s}\,\eta\,g` (the weight ``g`` would have in its own group
      ``j`` after ``s`` momentum steps);
@@ -49,12 +51,12 @@ model was sent; ``η`` is the learning rate *per gradient*, see below):
 
   Property (checked in the tests): for any arrival schedule, steps 1-3 leave ``(w, u)`` equal to
   replaying the same gradients group by group in iteration order with the one-at-a-time SSGDm
-  form of spec §5(b).
+  form of ``ssgdm`` (the paper's Fig. 1).
 * ``ormo_da`` (OrMo with a delay-adaptive learning rate; **ASSUMPTION**, the exact rule was not
   found): ``η_δ = η`` if ``δ <= θ`` else ``η θ / δ`` applied in steps 1-2, with the delay ``δ``
   counted in arrivals (``da_delay_unit="arrivals"``, default: ``δ = τ``) or in groups
   (``"groups"``: ``δ = s``) and the threshold ``θ = da_threshold`` (default ``K``).
-* ``smega2`` (Cohen, Hakimi, Schuster, ICPP 2022; spec §5(d) from its code): arrival counter
+* ``smega2`` (Cohen, Hakimi, Schuster, ICPP 2022; from its code, ``smega2.py``): arrival counter
   ``c ← (c+1) mod K``, accumulator ``b ← b + g``, direction ``d = g + β m``; if ``c = 0``:
   ``m ← β m + b/K``, ``b ← 0``; ``w ← w - η d``. The worker is sent the look-ahead estimate
   ``ŵ = w - ηβ[(K + c(β-1)) m + (c/K) b]`` (``smega2_estimate="advanced"``) or ``w - ηβKm``

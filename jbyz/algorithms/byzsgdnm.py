@@ -2,7 +2,7 @@ r"""ByzSGDnm and ByzSGDm, the theory's optimal batch size, and the paper's learn
 
 Yang, Shi, Li, "On the Effect of Batch Size in Byzantine-Robust Distributed Learning", ICLR 2024
 (arXiv v1: "On the Optimal Batch Size for Byzantine-Robust Distributed Learning",
-arXiv:2305.13856). Spec: ``shared/spec/algorithms.md`` §1.
+arXiv:2305.13856).
 
 With ``m`` workers (the first ``f_real`` Byzantine), batch ``B`` per worker, momentum ``beta``:
 
@@ -146,7 +146,8 @@ def byzsgdnm(
       preaggregators: e.g. ``["nnm"]`` (nearest-neighbour mixing before ``aggregator``).
       attack: simulation only: replace the first ``f_real`` rows (after momentum) by this attack.
       f_real: how many workers really are Byzantine (needed with ``attack``).
-      eps: floor of the norm: :math:`u / \max(\|u\|, \epsilon)` (spec's assumption).
+      eps: floor of the norm: :math:`u / \max(\|u\|, \epsilon)` (our assumption: the paper
+        divides by the norm and leaves ``u = 0`` open).
       seed: seeds key-driven stages when no ``key=`` extra argument is given.
 
     Returns:
@@ -180,7 +181,7 @@ def byzsgdm(
 
 
 def _bound_coefficients(delta, m, sigma, L, F0, C, c):
-    """``(A2, A3)`` of the ByzSGDm bound ``U(B) = A1 + A2 B^{-1/2} + A3 B`` (spec §1(b))."""
+    """``(A2, A3)`` of the ByzSGDm bound ``U(B) = A1 + A2 B^{-1/2} + A3 B`` (Yang et al., Thm 1)."""
     A2 = 16.0 * math.sqrt(3.0 * c * delta * (1.0 + c * delta * m) * (1.0 - delta) * sigma**4 / C)
     A3 = 32.0 * L * F0 * m * (1.0 - delta) / C
     return A2, A3
@@ -207,7 +208,7 @@ def optimal_batch_size(delta: float, m: int, sigma: float, L: float, F0: float, 
                        c: float, *, integer: bool = False) -> float:
     r"""The batch size minimising ByzSGDm's upper bound at a fixed compute budget (Prop. 1).
 
-    Setting (spec §1(b)): ``m`` workers of which a fraction :math:`\delta` is Byzantine, each
+    Setting (Yang et al., Theorem 1 and Proposition 1): ``m`` workers of which a fraction :math:`\delta` is Byzantine, each
     honest worker computes ``B`` per-sample gradients per iteration, and the budget of honest
     gradient computations :math:`C = T B m (1-\delta)` is fixed, so :math:`T = C/(Bm(1-\delta))`.
     Assumptions of the bound (Karimireddy et al. 2021's Theorem for worker momentum, restated by
@@ -268,7 +269,7 @@ def optimal_batch_size(delta: float, m: int, sigma: float, L: float, F0: float, 
 
 
 def optimal_batch_size_nm(delta: float, m: int, sigma: float, L: float, F0: float, c: float) -> float:
-    r"""ByzSGDnm's bound-minimising batch size as restated in spec §1(b) (not re-derived here).
+    r"""ByzSGDnm's bound-minimising batch size as Yang et al. state it (not re-derived here).
 
     .. math::
         \tilde B^* = \frac{9\,[\sqrt{2cm\delta(1-\delta)} + 1]^{3/2}\,\sigma^2}{80\, m(1-\delta) L F_0}
@@ -276,7 +277,7 @@ def optimal_batch_size_nm(delta: float, m: int, sigma: float, L: float, F0: floa
     increasing in :math:`\delta` on :math:`[0, 1/2]` (same assumptions as
     :func:`optimal_batch_size`, with Theorem 2's constant step and Proposition 2's
     :math:`\alpha, \eta`). Caveat: substituting Proposition 2's :math:`\alpha, \eta` into
-    Theorem 2 as restated in the spec, the leading :math:`T^{-1/4}` term does not depend on
+    Theorem 2 as the paper states it, the leading :math:`T^{-1/4}` term does not depend on
     :math:`B` at fixed :math:`C`, and the remaining terms are minimised where the choice of
     :math:`\alpha` reaches 1, at :math:`B \approx 9[\sqrt{2cm\delta(1-\delta)}+1]\sigma\sqrt{C} /
     (\sqrt{80 L F_0}\, m(1-\delta))`; the two expressions agree in growing with :math:`\delta`

@@ -4,9 +4,10 @@ dSTAR (Yan, Chaudhari, Kleinrock, "Straggler-tolerant and Byzantine-resilient di
 AdvML-Frontiers @ NeurIPS 2024, arXiv:2412.07151) waits for the first ``k`` of ``N`` workers and
 filters the ``k`` received gradients by their deviation from an "ensemble median", optionally
 against a gradient the server computes on data it holds. Neither the full text nor code could be
-read (spec ``algorithms.md`` §3(a)), so **everything here is a reconstruction (ASSUMPTION,
-spec §3(b))**: each step of the spec's proposal is a flag of :func:`dstar`, with the spec's
-defaults. There are no published numbers to reproduce (§3(d)).
+read (only the abstract and summaries of it), so **everything here is a reconstruction
+(ASSUMPTION)** consistent with the abstract: each step of :func:`dstar` (ensemble, score, keep
+rule) is a flag, with the most standard choice as default. There are no published numbers to
+reproduce.
 
 The first-k part is the simulator's business (:mod:`jbyz.protocols`): the workers that did not
 arrive are invalid rows of the stack, exactly like padding, and the rule below only sees the
@@ -86,12 +87,12 @@ def dstar(
     missing_reference: str = "fallback",
     sort: str | None = None,
 ):
-    r"""dSTAR's server-side filter (reconstruction, spec §3(b)): ensemble median, score, keep, mean.
+    r"""dSTAR's server-side filter (a reconstruction): ensemble median, score, keep, mean.
 
     The ``m`` valid rows ``g_1..g_m`` of ``x`` are the first-k responders (``m = k``); ``v`` is
     the server's validation gradient (``reference``); ``f`` the declared number of Byzantine
-    responders. Every choice below is an ASSUMPTION of the reconstruction; defaults are the
-    spec's (E1, D1, ``q = k - f``).
+    responders. Every choice below is an ASSUMPTION of the reconstruction; the defaults are E1, D1
+    and ``q = k - f``.
 
     1. Ensemble median ``c`` (``ensemble``):
 
@@ -115,8 +116,8 @@ def dstar(
        * ``"k_minus_f"`` (default): the ``q = m − f`` lowest scores (ties by slot);
        * ``"threshold"``: ``d_i ≤ ρ · median_j d_j`` (median over the valid rows, non-finite
          scores as ``+inf``);
-       * ``"absolute"`` (not in the spec; added because normalisation changes nothing in the two
-         rules above, which are invariant to scaling the scores): ``d_i ≤ ρ``, i.e. with
+       * ``"absolute"`` (added because normalisation changes nothing in the two rules above,
+         which are invariant to scaling the scores): ``d_i ≤ ρ``, i.e. with
          ``normalize_score`` a relative deviation ``‖g_i − c‖ ≤ ρ ‖c‖``.
 
     4. Output: the mean of the kept rows,
@@ -139,7 +140,7 @@ def dstar(
         to the validation gradient).
       normalize_score: divide the scores by the norm of their reference point.
       keep: ``"k_minus_f"``, ``"threshold"`` or ``"absolute"``.
-      rho: threshold factor ``ρ > 0`` for ``keep="threshold"`` (spec: 1.5-2) or the absolute
+      rho: threshold factor ``ρ > 0`` for ``keep="threshold"`` (1.5-2 is typical) or the absolute
         threshold for ``keep="absolute"``; float or array (a grid may vmap over it).
       subsets: ``R``, number of random subsets of E2 (static; default 8, an ASSUMPTION).
       subset_size: ``s`` of E2: ``None`` for ``⌈m/2⌉`` (traced), or an int (capped at ``m``).
@@ -263,7 +264,7 @@ A.AGGREGATORS.register(
     "dstar",
     "dSTAR filter (reconstruction): mean of the k - f first-k responders closest to an ensemble "
     "median of the responders and the server's validation gradient.",
-    "Yan, Chaudhari, Kleinrock, arXiv:2412.07151, 2024 (reconstruction, spec §3(b))",
+    "Yan, Chaudhari, Kleinrock, arXiv:2412.07151, 2024 (reconstruction from the abstract)",
 )(dstar)
 
 __all__ = ["dstar", "subset_masks"]
