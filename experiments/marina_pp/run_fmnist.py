@@ -21,7 +21,7 @@ of Byzantine clients as traced arguments (the no-attack reference is the shift-b
 f_real = 0), driven by a Python loop: when this was written the conv gradients ran ~3x slower
 inside a ``lax.scan`` body than at top level on XLA:CPU (fixed in ``jbyz.models`` since, see
 benchmarks/NOTES_cnn.md), and vmap over runs is slower than a loop for convolutions
-(shared/perf-notes.md). Seeds run one after the other.
+(benchmarks/NOTES_cnn.md). Seeds run one after the other.
 
 Run (from the repository root):
     nice -n 10 python experiments/marina_pp/run_fmnist.py
