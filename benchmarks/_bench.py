@@ -2,7 +2,7 @@
 
 Every script times its variants *interleaved* (A, B, C, A, B, C, ...) after one warm-up call each
 and reports medians, together with ``os.getloadavg()`` sampled around every measurement, because
-this 2-core machine is shared and absolute timings drift by 2-3x.
+the 2-core machine they ran on also ran other jobs and absolute timings drift by 2-3x with load.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, *, warm: boo
                 log=print) -> dict[str, dict]:
     """Times every function ``repeats`` times, interleaved; returns medians, all times and loads.
 
-    Besides wall time it records the process's CPU time per call (all threads): on a shared
-    machine wall time measures the share the scheduler gave us as much as the work, while CPU
+    Besides wall time it records the process's CPU time per call (all threads): on a machine
+    that also runs other jobs wall time measures the share the scheduler gave us as much as the work, while CPU
     seconds per unit of work are far steadier (they over-count only spin-waiting threads).
     Note that short calls can look faster than long ones under a CPU quota: a process that was
     idle gets a burst. Compare variants whose calls last about as long.

@@ -7,7 +7,7 @@ Run with the peer's own venv (built by ``bash benchmarks/setup_byzfl.sh``), not 
     benchmarks/.venv-byzfl/bin/python benchmarks/byzfl_workload.py --aggregator krum --seeds 8   # grid, sequential
     benchmarks/.venv-byzfl/bin/python benchmarks/byzfl_workload.py --model cnn --steps 50 --json  # the CNN
 
-Workload (shared/perf-notes.md): Fashion-MNIST read from the Debian IDX files, MLP 784-100-10
+Workload (benchmarks/README.md): Fashion-MNIST read from the Debian IDX files, MLP 784-100-10
 (ByzFL's ``fc_mnist``, log-softmax + NLLLoss), n = 10 workers of which f = 3 Byzantine, batch 32 per
 honest worker, worker momentum 0.9, ALIE (ByzFL's ``ALittleIsEnough``, tau = 1.5), server SGD lr 0.1,
 300 steps. ``--model cnn`` swaps the MLP for a small CNN (jbyz's ``lenet``): conv5x5-32 (VALID),

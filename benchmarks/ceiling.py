@@ -1,7 +1,8 @@
 """How close to the bare-gradient floor can each rule get? An additive estimate, measured.
 
-The issue-2 target is a single run within 1.5x of the bare-gradient floor (``single_run.py``).
-This script asks whether that is reachable at all for a rule, on this machine, by timing the
+The target set for jbyz's speed is a single run within 1.5x of the bare-gradient floor
+(``single_run.py``). This script asks whether that is reachable at all for a rule, on the machine
+at hand, by timing the
 pieces side by side in one process (interleaved, median of repeats):
 
 * ``F``: one step of the floor (the honest workers' gradients, their mean, an SGD step);

@@ -44,7 +44,7 @@ N_WORKERS, BATCH, CLASSES = 7, 32, 10
 
 # What this script printed when written (ms per step of 7 per-worker gradients, median).
 # A: an idle 2-core slice (taskset -c 0,1) of a 16-core Intel Xeon, jax 0.11.2, XLA:CPU.
-# B: this project's 2-core AMD EPYC (AVX2), jax 0.10.2, shared with other jobs (load 2-5):
+# B: a 2-core AMD EPYC (AVX2), jax 0.10.2, with other jobs running (load 2-5):
 #    absolute numbers inflated ~2-3x, compare rows within the column only.
 # C: one H100, jax 0.11.2 (same script, no taskset).
 RECORDED = """

@@ -1,6 +1,6 @@
 """How to formulate a grid of MLP runs for XLA:CPU: a standalone prototype (not part of jbyz).
 
-Workload (shared/perf-notes.md): Fashion-MNIST, MLP 784-100-10, n = 10 workers of which f = 3
+Workload (benchmarks/README.md): Fashion-MNIST, MLP 784-100-10, n = 10 workers of which f = 3
 Byzantine, batch 32, worker momentum 0.9 (EMA, zero start as ByzFL), ALIE (mean + 1.5 std),
 coordinate-wise median (jbyz's own kernel), SGD lr 0.1. The step is written here by hand, with
 its stages switchable, so that the cost of each stage and of each formulation of the two batch
@@ -34,7 +34,7 @@ per set, alternating, and collects the results (see ``FLAG_SETS``).
 
 Metric: run-steps/s (R x steps / seconds) and the gradient GFLOP/s it implies (0.32 MFLOP per
 sample, 224 samples a step), and CPU-ms per run-step (process CPU time, all threads: far steadier
-than wall time on a shared machine). Writes ``benchmarks/results/grid_formulations.json`` (merged by key).
+than wall time on a machine that also runs other jobs). Writes ``benchmarks/results/grid_formulations.json`` (merged by key).
 """
 
 from __future__ import annotations

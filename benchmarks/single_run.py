@@ -1,6 +1,6 @@
 """One run vs the bare-gradient floor, side by side in one process.
 
-Workload (perf-notes.md): Fashion-MNIST, MLP 784-100-10, n = 10 workers of which f = 3 Byzantine,
+Workload (benchmarks/README.md): Fashion-MNIST, MLP 784-100-10, n = 10 workers of which f = 3 Byzantine,
 batch 32 per worker, worker momentum 0.9, ALIE, 300 steps. The *floor* is a bare JAX scan of the
 same per-step work without any robustness: sample the 7 honest workers' batches on device,
 ``vmap(value_and_grad)``, average, SGD step. jbyz runs the full pipeline (momentum, attack,
@@ -41,8 +41,8 @@ RULES = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_medi
 
 
 def workload_f(n: int) -> int:
-    """Byzantine workers at ``n`` workers: 3 of 10 (perf-notes.md); ``(n - 3) // 4`` otherwise,
-    so that every rule (Bulyan: ``n >= 4f + 3``) is valid (n = 51: f = 12)."""
+    """Byzantine workers at ``n`` workers: 3 of 10 (the reference workload); ``(n - 3) // 4``
+    otherwise, so that every rule (Bulyan: ``n >= 4f + 3``) is valid (n = 51: f = 12)."""
     return 3 if n == 10 else (n - 3) // 4
 
 

@@ -1,9 +1,9 @@
-"""The speed race of issue 3: ByzFL (PyTorch) vs jbyz, one run and grids of seeds, side by side.
+"""The speed race: ByzFL (PyTorch) vs jbyz, one run and grids of seeds, side by side.
 
 Two workloads (``_bench.workload``), both Fashion-MNIST, MLP 784-100-10, ALIE (ByzFL's
 ``mean + 1.5 std``), worker momentum 0.9 (EMA), server SGD lr 0.1, coordinate-wise median:
 
-* ``mlp``: n = 10, f = 3, batch 32 (shared/perf-notes.md);
+* ``mlp``: n = 10, f = 3, batch 32 (the reference workload of benchmarks/README.md);
 * ``dm``: the distributed-momentum setting, n = 51, f = 24, batch 83;
 * ``cnn``: as ``mlp`` but the small CNN (conv5x5-32, pool, conv5x5-64, pool, fc-10, VALID; jbyz
   ``lenet``, ByzFL ``byzfl_workload.py --model cnn``), 22.5 MFLOP a sample. Only run when asked
@@ -13,7 +13,7 @@ Two workloads (``_bench.workload``), both Fashion-MNIST, MLP 784-100-10, ALIE (B
 ByzFL runs in its own venv (``benchmarks/setup_byzfl.sh``) through ``byzfl_workload.py --json``, as
 a child of this process, K seeds one after another (``--byzfl-seeds``); its grid figures for 8 and
 64 seeds are that per-seed cost times 8 and 64 (sequential runs in one process add nothing but
-their own time; the issue's own measurement: "8 seeds take 8 times as long"). jbyz runs in this
+their own time: 8 seeds take 8 times as long). jbyz runs in this
 process: one run (``Program.compiled_single``; timed as 8 single runs back to back so that a timed
 call lasts about as long as a grid's) and grids of 8 and 64 seeds through the real grid
 path (``jbyz.grid.BatchRunner``: ``lax.map`` / ``vmap`` over runs; ``--widths``), compiled ahead of
@@ -26,7 +26,7 @@ compiled chunk, initialisation included). Ratios are jbyz / ByzFL-sequential. GF
 honest workers' forward + backward only (0.32 MFLOP a sample). jbyz rows also carry CPU-ms per
 run-step (process CPU time), ByzFL rows the rate of its fastest tenth of steps.
 
-ByzFL's default is 2 torch threads (``--byzfl-threads 2``, as in the issue's figures). On a loaded
+ByzFL's default is 2 torch threads (``--byzfl-threads 2``, as in the first ByzFL figures). On a loaded
 machine its two threads wait for each other at every op and it collapses (0.95 steps/s at load
 8 here, against 28-30 on a quiet machine); ``--byzfl-threads 1`` is the fairer opponent then.
 
@@ -121,7 +121,7 @@ class Jbyz:
 
         def single():
             # one run at a time, `single_runs` of them back to back: a call lasts about as long
-            # as a grid's (on a shared machine short calls get CPU bursts and look faster)
+            # as a grid's (under a CPU quota short calls get CPU bursts and look faster)
             outs = []
             for inp1 in ins:
                 c, _ = c1(init(inp1), jnp.int32(0), inp1, prog.train)
