@@ -25,25 +25,32 @@ _SUBMODULES = ("aggregators", "attacks", "data", "models", "preaggregators", "si
 def __getattr__(name):  # lazy submodules: `import jbyz` stays cheap
     if name in _SUBMODULES:
         return _importlib.import_module(f"jbyz.{name}")
+    if name == "Aggregator":  # renamed: optax.experimental.aggregating.Aggregator is another type
+        from jbyz import types as _types
+
+        return _types.__getattr__(name)
     raise AttributeError(f"module 'jbyz' has no attribute {name!r}")
 
 
 from jbyz.config import Experiment, RunConfig, load_experiment  # noqa: E402
 from jbyz.registry import ConfigError  # noqa: E402
 from jbyz.transforms import (  # noqa: E402
+    MultiSteps,
     byzantine,
     clip_per_worker,
     normalize,
+    per_worker,
     robust_aggregate,
     worker_momentum,
 )
-from jbyz.types import Aggregator, Attack, PreAggregator  # noqa: E402
+from jbyz.types import AggregationRule, Attack, PreAggregator  # noqa: E402
 
 __all__ = [
-    "Aggregator",
+    "AggregationRule",
     "Attack",
     "ConfigError",
     "Experiment",
+    "MultiSteps",
     "PreAggregator",
     "RunConfig",
     "aggregators",
@@ -54,6 +61,7 @@ __all__ = [
     "load_experiment",
     "models",
     "normalize",
+    "per_worker",
     "preaggregators",
     "robust_aggregate",
     "worker_momentum",

@@ -58,8 +58,10 @@ from jbyz.types import Array, Attack, State
 __all__ = [
     "ATTACKS",
     "MimicState",
+    "ALIE_DEFAULT_Z",
     "alie",
     "alie_z",
+    "alie_z_used",
     "foe",
     "gaussian",
     "honest_mean_std",
@@ -349,25 +351,65 @@ def _alie_z_traced(honest: Array, byz: Array) -> Array:
     return jax.scipy.special.ndtri(p)
 
 
+ALIE_DEFAULT_Z = 1.5
+"""ALIE's default ``z``: ByzFL's default and the fixed value of El Mhamdi et al.'s code."""
+
+_ALIE_WEAK_Z = 0.5  # below this |z|, Baruch's formula leaves ALIE (nearly) harmless
+
+
+def alie_z_used(z, n: int, f_real: int, *, warn: bool = True) -> float | None:
+    """The ``z`` an :func:`alie` attack uses with ``n`` workers of which ``f_real`` are Byzantine.
+
+    ``z`` as given when it is a number (``None`` when traced), :func:`alie_z` for
+    ``z="baruch"``; then, with ``warn``, a ``UserWarning`` when ``|z| < 0.5``: the formula makes
+    the attack (nearly) a no-op at this setting (z = 0.18 at n = 10, f = 3; z <= 0 at n = 8, f = 2).
+    """
+    from jbyz.registry import concrete_number
+
+    if isinstance(z, str):
+        if int(f_real) <= 0 or int(f_real) >= int(n):
+            return None
+        v = alie_z(n, f_real)
+        if warn and abs(v) < _ALIE_WEAK_Z:
+            import warnings
+
+            warnings.warn(
+                f"ALIE with Baruch et al.'s z: z = {v:.3f} at n={n}, f_real={f_real} (|z| < "
+                f"{_ALIE_WEAK_Z}): the Byzantine vectors are within {abs(v):.2f} std of the honest "
+                f"mean and the attack is (nearly) a no-op. Set z (e.g. the default "
+                f"{ALIE_DEFAULT_Z}) for an attack.", UserWarning, stacklevel=3)
+        return v
+    c = concrete_number(z)
+    return None if c is None else float(c)
+
+
 @ATTACKS.register(
     "alie",
-    "A Little Is Enough: send mu - z*sigma (z from Baruch's formula by default).",
+    "A Little Is Enough: send mu - z*sigma (z = 1.5 by default; z = 'baruch': Baruch's formula).",
     "Baruch, Baruch, Goldberg. A Little Is Enough, NeurIPS 2019 (arXiv:1902.06156)",
 )
-def alie(z: float | None = None, sign: str = "minus") -> Attack:
+def alie(z: float | str = ALIE_DEFAULT_Z, sign: str = "minus") -> Attack:
     """A Little Is Enough: all Byzantine workers send a small coordinate-wise shift of the mean.
 
     .. math:: x^{\\text{out}} = \\mu - z\\,\\sigma \\quad (\\text{sign="minus"}), \\qquad
               \\mu + z\\,\\sigma \\quad (\\text{sign="plus"})
 
-    With ``z=None`` the factor follows Baruch et al. (computed in-graph from the masks, with
-    ``n`` the valid count ``|honest| + |byz|`` and ``f = |byz|`` the real Byzantine count):
-    ``s = floor(n/2 + 1) - f``, ``z = Phi^{-1}((n - f - s)/(n - f))`` (see :func:`alie_z`).
-    The paper subtracts (``"minus"``, default); ByzFL adds (``"plus"``). ByzantineMomentum uses a
-    fixed ``z = 1.5`` with the minus sign.
+    The default ``z = 1.5`` is an attack at every setting: it is ByzFL's default and the fixed
+    value of El Mhamdi et al.'s code (ICLR 2021, ``mu - 1.5 sigma``). With ``z="baruch"`` the
+    factor follows Baruch et al.'s formula (computed in-graph from the masks, with ``n`` the
+    valid count ``|honest| + |byz|`` and ``f = |byz|`` the real Byzantine count):
+    ``s = floor(n/2 + 1) - f``, ``z = Phi^{-1}((n - f - s)/(n - f))`` (see :func:`alie_z`). The
+    formula is small for few Byzantine workers (z = 0.18 at n = 10, f = 3; z <= 0 at n = 8,
+    f = 2, where the "attack" is a no-op or helps): :func:`alie_z_used` warns when it gives
+    ``|z| < 0.5``. Until jbyz 0.1 the formula was the default; results tables record the ``z``
+    used (column ``attack.z``) and a run's id includes it, so results computed with the former
+    default are never taken for the new one (ask for them with ``z="baruch"``).
+
+    The paper subtracts (``"minus"``, default); ByzFL adds (``"plus"``).
 
     Args:
-      z: the factor (float or traced scalar), or ``None`` for Baruch's formula.
+      z: the factor (float or traced scalar, default 1.5), or ``"baruch"`` for Baruch's formula.
+        ``None`` (the former spelling of the formula) is deprecated.
       sign: static, ``"minus"`` or ``"plus"``.
 
     Returns:
@@ -375,19 +417,38 @@ def alie(z: float | None = None, sign: str = "minus") -> Attack:
 
     References:
       Baruch, Baruch, Goldberg. A Little Is Enough: Circumventing Defenses For Distributed
-      Learning. NeurIPS 2019.
+      Learning. NeurIPS 2019. ByzFL (EPFL DCL): ``ALittleIsEnough``, ``tau = 1.5``. El Mhamdi,
+      Guerraoui, Rouault. Distributed Momentum for Byzantine-resilient Stochastic Gradient
+      Descent. ICLR 2021.
     """
     _check_choice("sign", sign, ("minus", "plus"))
+    if z is None:
+        import warnings
+
+        warnings.warn("alie(z=None) is deprecated: Baruch et al.'s formula is z='baruch'; the "
+                      f"default is now z={ALIE_DEFAULT_Z}", DeprecationWarning, stacklevel=2)
+        z = "baruch"
+    if isinstance(z, str) and z != "baruch":
+        raise ConfigError(f"alie z must be a number or 'baruch' (Baruch et al.'s formula), got {z!r}")
     direction = -1.0 if sign == "minus" else 1.0
+    formula = isinstance(z, str)
 
     def apply(x, honest, byz, key, state, ctx):
         del key, ctx
         mu, sigma = honest_mean_std(x, honest)
-        zz = _alie_z_traced(honest, byz) if z is None else jnp.asarray(z, jnp.float32)
+        zz = _alie_z_traced(honest, byz) if formula else jnp.asarray(z, jnp.float32)
         mal = mu + direction * zz * sigma
         return _replace_byz(x, byz, mal), state
 
-    return Attack(name="alie", apply=apply)
+    return Attack(name="alie", apply=apply,
+                  resolved=lambda n, f_real: {"z": alie_z_used(z, n, f_real)})
+
+
+def resolved_columns(name: str, kwargs, n: int, f_real: int) -> dict:
+    """``{"attack.<hyper-parameter>": value}`` for the hyper-parameters an attack resolves from
+    the setting (:attr:`jbyz.types.Attack.resolved`; ALIE's ``z``): what results rows record."""
+    attack = ATTACKS.build(name, **dict(kwargs))
+    return {f"attack.{k}": v for k, v in attack.resolved(int(n), int(f_real)).items()}
 
 
 # --------------------------------------------------------------------------------------------

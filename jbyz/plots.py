@@ -17,12 +17,27 @@ import pandas as pd
 
 
 def _mpl():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """``matplotlib.pyplot``, with whatever backend the session has: the library never changes it
+    (a Jupyter session keeps inline figures; ``jbyz`` on the command line picks Agg itself)."""
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def component_labels(df: pd.DataFrame, column: str) -> pd.Series:
+    """The values of ``column`` as figures show them: an attack with a resolved strength carries
+    it, e.g. ``alie (z = 1.5)`` from the ``attack.z`` column (the z the run used, even when its
+    configuration left it to the default or to Baruch et al.'s formula)."""
+    values = df[column].astype(str)
+    if column == "attack" and "attack.z" in df:
+        z = pd.to_numeric(df["attack.z"], errors="coerce")
+        values = values.where(z.isna(), values + " (z = " + z.map("{:g}".format) + ")")
+    return values
+
+
+def _labelled(df: pd.DataFrame, *columns) -> pd.DataFrame:
+    cols = [c for c in columns if c is not None and c in df]
+    return df.assign(**{c: component_labels(df, c) for c in cols}) if cols else df
 
 
 def accuracy_curves(
@@ -40,6 +55,7 @@ def accuracy_curves(
     band spans their min and max. Returns the matplotlib figure; writes it to ``path`` if given.
     """
     plt = _mpl()
+    df = _labelled(df, hue, col)
     cols = [None] if col is None or col not in df else list(dict.fromkeys(df[col]))
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), sharey=True, squeeze=False)
     hues = list(dict.fromkeys(df[hue])) if hue in df else [None]
@@ -78,6 +94,7 @@ def final_accuracy_bars(
 ):
     """Grouped bars of a :func:`jbyz.results.summarize` table (e.g. final accuracy per rule/attack)."""
     plt = _mpl()
+    summary = _labelled(summary, x, hue)
     xs = list(dict.fromkeys(summary[x]))
     hs = list(dict.fromkeys(summary[hue])) if hue in summary else [None]
     width = 0.8 / len(hs)
@@ -133,7 +150,7 @@ def heatmap(
     Returns the figure (and writes it to ``path``).
     """
     plt = _mpl()
-    runs = per_run(df, metric)
+    runs = _labelled(per_run(df, metric), col)
     cols = [None] if col is None else sorted(runs[col].dropna().unique(), key=str)
     xs = sorted(runs[x].dropna().unique())
     ys = sorted(runs[y].dropna().unique())

@@ -22,7 +22,7 @@ import pytest
 from jbyz.aggregators import AGGREGATORS
 from jbyz.preaggregators import PREAGGREGATORS
 from jbyz.registry import ConfigError
-from jbyz.types import Aggregator, PreAggregator
+from jbyz.types import AggregationRule, PreAggregator
 
 N, D = 11, 4  # the same shapes in all three aggregator test files share compiled programs
 KEY = jax.random.key(0)
@@ -600,7 +600,7 @@ def test_registries_describe_every_rule():
         "centered_clip", "meamed", "phocas", "mda",
     }
     assert set(PREAGGREGATORS.names()) >= {"bucketing", "nnm", "clip", "arc"}
-    for reg, typ in ((AGGREGATORS, Aggregator), (PREAGGREGATORS, PreAggregator)):
+    for reg, typ in ((AGGREGATORS, AggregationRule), (PREAGGREGATORS, PreAggregator)):
         for name, desc, ref in reg.describe():
             assert desc and ref, name
             assert isinstance(reg.build(name), typ)

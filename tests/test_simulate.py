@@ -139,6 +139,7 @@ def test_augment_option_runs_and_keeps_old_run_ids():
 
     d = cfg.to_dict()
     del d["augment"], d["curvature_window"], d["momentum_first"]
+    d["attack_kwargs"] = {"z": 1.5}  # ALIE's z enters the id (its default changed in 0.1)
     assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert RunConfig(**base, augment="flip").config_hash() != cfg.config_hash()
     a = run(RunConfig(**base, augment="flip"), progress=False)

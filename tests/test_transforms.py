@@ -128,7 +128,7 @@ def test_chain_vmaps_over_runs_like_a_loop():
         return p
 
     betas = jnp.array([0.0, 0.5, 0.9])
-    fs = jnp.array([0, 1, 2])
+    fs = jnp.array([0, 1, 1])  # bucketing s=2 leaves 3 rows: trimmed mean needs f <= 1
     keys = jax.random.split(jax.random.key(7), 3)
     batched = jax.jit(jax.vmap(run))(betas, fs, keys)
     for i in range(3):

@@ -13,7 +13,7 @@ from flax import nnx
 from jbyz.aggregators import AGGREGATORS
 from jbyz.attacks import ATTACKS
 from jbyz.models import MODELS
-from jbyz.types import Aggregator, Attack
+from jbyz.types import AggregationRule, Attack
 
 
 @AGGREGATORS.register(
@@ -21,7 +21,7 @@ from jbyz.types import Aggregator, Attack
     "Mean of the n - f valid inputs with the smallest norms (example plugin).",
     "examples/plugin_example",
 )
-def smallest_norms(slack: int = 0) -> Aggregator:
+def smallest_norms(slack: int = 0) -> AggregationRule:
     """Averages the ``n - f + slack`` valid rows of smallest L2 norm (``f`` declared, traced)."""
 
     def apply(x, valid, f, key, state):
@@ -34,7 +34,7 @@ def smallest_norms(slack: int = 0) -> Aggregator:
     def requirement(n, f):
         return None if n - f + slack >= 1 else f"smallest_norms needs n - f + slack >= 1; got n={n}, f={f}"
 
-    return Aggregator(name="smallest_norms", apply=apply, requirement=requirement)
+    return AggregationRule(name="smallest_norms", apply=apply, requirement=requirement)
 
 
 @ATTACKS.register(

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from jbyz import transforms
-from jbyz.types import Aggregator, Attack, PreAggregator
+from jbyz.types import AggregationRule, Attack, PreAggregator
 
 __all__ = [
     "LrChoice",
@@ -113,7 +113,7 @@ def byzsgdnm(
     learning_rate: float | optax.Schedule,
     *,
     num_workers: int,
-    aggregator: Aggregator | str | dict,
+    aggregator: AggregationRule | str | dict,
     f,
     momentum: float = 0.9,
     preaggregators: Sequence[PreAggregator | str | dict] = (),
@@ -139,7 +139,7 @@ def byzsgdnm(
       learning_rate: :math:`\eta` or a schedule :math:`t \mapsto \eta_t` (e.g.
         :func:`epoch_cosine_schedule`); may be traced (``optax.inject_hyperparams``).
       num_workers: ``m``, the leading axis of the updates given to ``update``.
-      aggregator: an :class:`~jbyz.types.Aggregator`, a registry name, or ``{name=..., ...}``
+      aggregator: an :class:`~jbyz.types.AggregationRule`, a registry name, or ``{name=..., ...}``
         (the paper: ``krum``, ``geometric_median``, ``median``, ``centered_clip`` with ``tau=0.1``).
       f: the number of Byzantine workers the aggregator assumes (may be traced).
       momentum: :math:`\beta` (0.9 in the paper).
@@ -162,7 +162,7 @@ def byzsgdm(
     learning_rate: float | optax.Schedule,
     *,
     num_workers: int,
-    aggregator: Aggregator | str | dict,
+    aggregator: AggregationRule | str | dict,
     f,
     momentum: float = 0.9,
     preaggregators: Sequence[PreAggregator | str | dict] = (),

@@ -12,7 +12,7 @@ reproduce.
 The first-k part is the simulator's business (:mod:`jbyz.protocols`): the workers that did not
 arrive are invalid rows of the stack, exactly like padding, and the rule below only sees the
 ``k = m`` valid rows. This module is the server-side filter, an ordinary
-:class:`~jbyz.types.Aggregator` registered as ``"dstar"`` in
+:class:`~jbyz.types.AggregationRule` registered as ``"dstar"`` in
 :data:`jbyz.aggregators.AGGREGATORS` (``needs_reference=True``: its ``apply`` takes the server's
 validation gradient as the keyword ``reference``).
 """
@@ -151,7 +151,7 @@ def dstar(
       sort: sorting method for the worker axis (``None``: chosen by ``n``; see ``_sorting``).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator` with ``needs_reference=True`` whose
+      An :class:`~jbyz.types.AggregationRule` with ``needs_reference=True`` whose
       ``apply(x [n, d], valid [n], f, key, state, reference=None [d])`` returns ``([d], state)``
       (stateless). ``key`` is only used by E2. Requirement: ``n >= 2f`` valid inputs for E1 (the
       ``m + 1`` medianed vectors hold at most ``f`` Byzantine ones), ``n >= 2f + 1`` for E2/E3.
@@ -257,7 +257,7 @@ def dstar(
                 return f"dstar subset_size={sv} exceeds the n={n} valid inputs"
             return base(n, f)
 
-    return A.Aggregator(name="dstar", apply=apply, requirement=req, needs_reference=True)
+    return A.AggregationRule(name="dstar", apply=apply, requirement=req, needs_reference=True)
 
 
 A.AGGREGATORS.register(

@@ -67,7 +67,7 @@ from jbyz.attacks import honest_mean_std
 from jbyz.compression import Compressor, identity
 from jbyz.data import flip_labels
 from jbyz.registry import ConfigError
-from jbyz.types import Aggregator, Attack, PreAggregator
+from jbyz.types import AggregationRule, Attack, PreAggregator
 
 Array = jax.Array
 
@@ -273,7 +273,7 @@ class MarinaConfig:
 
     num_clients: int
     num_steps: int
-    aggregator: Aggregator
+    aggregator: AggregationRule
     preaggregators: tuple = ()
     attack: Attack | None = None
     compressor: Compressor = dataclasses.field(default_factory=identity)
@@ -600,7 +600,7 @@ def build_run(
 
 def default_aggregator(
     name: str = "median", bucket_size: int = 2, **hyperparameters
-) -> tuple[Aggregator, Sequence[PreAggregator]]:
+) -> tuple[AggregationRule, Sequence[PreAggregator]]:
     """``(aggregator, (bucketing(bucket_size),))`` from the registries (the paper's ARAgg)."""
     from jbyz.aggregators import AGGREGATORS
     from jbyz.preaggregators import bucketing

@@ -19,8 +19,8 @@ convex combination of their inputs, ``sqrt(n)`` at worst for coordinate-wise rul
 
 Two forms are provided:
 
-* :func:`clip_deviations`: a wrapper ``Aggregator -> Aggregator`` (same
-  :class:`jbyz.types.Aggregator` protocol, so it works with every rule of
+* :func:`clip_deviations`: a wrapper ``AggregationRule -> AggregationRule`` (same
+  :class:`jbyz.types.AggregationRule` protocol, so it works with every rule of
   :data:`jbyz.aggregators.AGGREGATORS`, optionally behind pre-aggregators such as bucketing).
   Its state keeps ``g^{k-1}``; ``reference=``, ``radius=`` and ``clip=`` keywords override it.
 * :func:`pp_clipping`: the same as an optax ``GradientTransformationExtraArgs`` (an
@@ -46,7 +46,7 @@ from optax.experimental import aggregating
 
 from jbyz import preaggregators as preagg
 from jbyz.transforms import stack_to_matrix
-from jbyz.types import Aggregator, PreAggregator
+from jbyz.types import AggregationRule, PreAggregator
 
 Array = jax.Array
 
@@ -72,9 +72,9 @@ def clip_rows(x: Array, radius, valid: Array | None = None) -> Array:
 
 
 def with_preaggregation(
-    aggregator: Aggregator, preaggregators: Sequence[PreAggregator] = ()
-) -> Aggregator:
-    """Composes pre-aggregators (bucketing, NNM, ...) and an aggregator into one :class:`Aggregator`.
+    aggregator: AggregationRule, preaggregators: Sequence[PreAggregator] = ()
+) -> AggregationRule:
+    """Composes pre-aggregators (bucketing, NNM, ...) and an aggregator into one :class:`AggregationRule`.
 
     ``apply`` runs ``Pre_1 .. Pre_k`` then ``aggregator`` with keys split from the step key; the
     state is ``(pre_states, agg_state)``. ``requirement(n, f)`` checks every stage on the row count
@@ -117,7 +117,7 @@ def with_preaggregation(
         return aggregator.requirement(rows[-1], f)
 
     name = "+".join([p.name for p in preaggregators] + [aggregator.name])
-    return Aggregator(
+    return AggregationRule(
         name=name,
         apply=apply,
         init=init,
@@ -141,11 +141,11 @@ class PPClipState(NamedTuple):
 
 
 def clip_deviations(
-    aggregator: Aggregator,
+    aggregator: AggregationRule,
     preaggregators: Sequence[PreAggregator] = (),
     *,
     clip_mult=1.0,
-) -> Aggregator:
+) -> AggregationRule:
     r"""Wraps any aggregator into the partial-participation clipping heuristic.
 
     .. math::
@@ -159,13 +159,13 @@ def clip_deviations(
     ``out = Agg(Pre(x))``.
 
     Args:
-      aggregator: any :class:`~jbyz.types.Aggregator` (e.g. ``AGGREGATORS.build("median")``).
+      aggregator: any :class:`~jbyz.types.AggregationRule` (e.g. ``AGGREGATORS.build("median")``).
       preaggregators: stages applied to the clipped deviations before ``aggregator`` (e.g.
         ``(bucketing(2),)``).
       clip_mult: ``c`` in ``lambda = c ||g^{k-1}||`` (float or traced array).
 
     Returns:
-      An :class:`~jbyz.types.Aggregator` whose ``apply(x, valid, f, key, state, *, reference=None,
+      An :class:`~jbyz.types.AggregationRule` whose ``apply(x, valid, f, key, state, *, reference=None,
       radius=None, clip=None)`` returns ``(out [d], PPClipState)``; ``init(n, d)`` gives the
       initial state (a ``()`` state is initialised on the fly). ``requirement`` is the wrapped
       rule's.
@@ -209,7 +209,7 @@ def clip_deviations(
         out = jnp.where(do_clip, ref + agg, agg)
         return out, PPClipState(out, jnp.ones((), bool), inner_state)
 
-    return Aggregator(
+    return AggregationRule(
         name=f"pp_clip({inner.name})",
         apply=apply,
         init=init,
@@ -230,7 +230,7 @@ _SALT = 0x5EED_CC
 
 
 def pp_clipping(
-    aggregator: Aggregator,
+    aggregator: AggregationRule,
     f,
     num_workers: int,
     *,
