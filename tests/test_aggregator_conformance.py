@@ -41,9 +41,21 @@ ARRAY_HP = {
     "multi_krum": ("m", [2, 1, 4]),
     "geometric_median": ("nu", [0.1, 0.5, 0.01]),
     "centered_clip": ("tau", [0.1, 1.0, 0.3]),
+    "dnc": ("filter_frac", [1.0, 0.5, 0.0]),
+    "monna": ("idx", [-1, 0, 2]),
 }
 # Rules that equal the mean of the valid rows when f = 0.
-MEAN_AT_F0 = {"mean", "trimmed_mean", "meamed", "phocas", "bulyan", "mda", "dstar"}
+MEAN_AT_F0 = {
+    "mean", "trimmed_mean", "meamed", "phocas", "bulyan", "mda", "dstar",
+    "monna", "smea", "caf", "dnc",
+}
+# Rules that trust one input (MoNNA: the last valid row by default): invariant under the
+# permutations that keep that row in place, not under all.
+TRUSTED_LAST_ROW = {"monna"}
+# Rules that rescale every input to the server reference's norm (FLTrust): identical inputs v
+# give v * |reference| / |v| (or 0 when v points away from it), not v; the output need not lie in
+# the honest inputs' box.
+RESCALED_TO_REFERENCE = {"fltrust"}
 # The server-side reference vector (e.g. dSTAR's validation gradient) passed to the rules with
 # ``needs_reference``: a fixed vector, so every invariance below must hold with it.
 REFERENCE = np.random.default_rng(99).normal(size=D).astype(np.float32)
@@ -108,6 +120,8 @@ def test_permutation_invariance(name):
     out, _ = call(name, x, f=f)
     for seed in range(3):
         perm = np.random.default_rng(seed).permutation(N)
+        if name in TRUSTED_LAST_ROW:
+            perm = np.append(np.random.default_rng(seed).permutation(N - 1), N - 1)
         out_p, _ = call(name, x[perm], f=f)
         chex.assert_trees_all_close(out_p, out, rtol=1e-5, atol=1e-6)
 
@@ -140,6 +154,8 @@ def test_f_zero(name):
     v = np.random.default_rng(4).normal(size=D).astype(np.float32)
     same = np.tile(v, (N, 1))
     state = jnp.asarray(v) if name == "centered_clip" else None
+    if name in RESCALED_TO_REFERENCE:
+        v = v * (np.linalg.norm(REFERENCE) / np.linalg.norm(v)) * (np.dot(v, REFERENCE) > 0)
     for f in (0, largest_f(name, N)):
         out, _ = call(name, same, f=f, state=state)
         chex.assert_trees_all_close(out, v, rtol=1e-5, atol=1e-5)
@@ -230,6 +246,8 @@ def test_nonfinite_byzantine_rows(name, pattern):
         # centre need not sit inside the box).
         honest = x[f:]
         lo, hi = honest.min(axis=0), honest.max(axis=0)
+        if name in RESCALED_TO_REFERENCE:
+            return
         slack = 0.5 if name in ("centered_clip",) else 1e-5
         assert np.all(np.asarray(out) >= lo - slack) and np.all(np.asarray(out) <= hi + slack)
 

@@ -27,7 +27,9 @@ def _inputs(seed=0):
     return x, ref
 
 
-@pytest.mark.parametrize("name", AGGREGATORS.names())
+# FLTrust cannot run without the server's reference update, and clip_deviations' own
+# ``reference=`` keyword (the previous aggregate) shadows it: left out here.
+@pytest.mark.parametrize("name", [n for n in AGGREGATORS.names() if n != "fltrust"])
 def test_equals_aggregator_of_clipped_deviations_plus_reference(name):
     """out = ref + Agg(clip_lambda(x_i - ref)) for every registry rule, same key and state."""
     agg = AGGREGATORS.build(name)

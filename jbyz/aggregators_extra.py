@@ -1,0 +1,568 @@
+r"""More robust aggregation rules: MoNNA, SMEA, CAF, DnC and FLTrust.
+
+The same kernel contract as :mod:`jbyz.aggregators` (read its module docstring first): every
+factory returns a :class:`jbyz.types.AggregationRule` whose ``apply`` is
+``apply(x [n, d], valid [n] bool, f int32[], key, state) -> (out [d] float32, state)``; ``f`` and
+the valid mask are traced (one compiled program serves every ``f``); invalid rows never
+influence the result; ``requirement(n, f)`` says on the host when a rule cannot run. The rules
+are registered in :data:`jbyz.aggregators.AGGREGATORS` (``jbyz list`` shows them), which imports
+this module; this module imports only the helpers below it (``_sorting``, ``registry``,
+``types``), never :mod:`jbyz.aggregators`, so there is no import cycle.
+
+Non-finite inputs follow the distance-based policy of :mod:`jbyz.aggregators`: a row is
+*unusable* when its squared norm (or, for MoNNA, its squared distance to the trusted row) is not
+finite; unusable rows get zero weight and are never selected while enough usable rows remain.
+
+Eigen-solves (SMEA, CAF, DnC) work on ``n x n`` matrices built from one Gram matrix of the rows
+(:func:`jbyz._sorting.gram`), never on ``d x d`` covariances: for ``Y`` the centred rows, the
+non-zero eigenvalues of ``Y^T D Y`` and ``D^{1/2} Y Y^T D^{1/2}`` coincide, and ``Y v`` (the
+projections on a top eigenvector ``v``) is proportional to ``Y Y^T D^{1/2} u`` for the top
+eigenvector ``u`` of the small matrix. The eigen-solves run under ``stop_gradient``: gradients
+(for adaptive attacks) flow through the selected rows and the weights, with the eigen-directions
+held fixed.
+
+Semantics follow the peers' code (ByzFL, LPD-EPFL/byzfl at 69bd1ac, for MoNNA, SMEA and CAF;
+Blades/fedlib, fedlib/fedlib at 8428019 and lishenghui/blades v0.1.0, for DnC and FLTrust); every
+difference is stated in the rule's docstring. ``tests/data/make_peer_reference.py`` regenerates the
+peers' outputs that ``tests/test_aggregators_extra.py`` compares against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jbyz import _sorting as S
+from jbyz.registry import ConfigError
+from jbyz.registry import concrete_number as _concrete
+from jbyz.types import AggregationRule
+
+Array = jax.Array
+_HI = lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers (the conventions of jbyz.aggregators, kept here so that this module does not import it)
+
+
+def _inputs(x, valid, f):
+    x = jnp.asarray(x).astype(jnp.float32)
+    valid = jnp.asarray(valid, bool)
+    f = jnp.asarray(f, jnp.int32)
+    return x, valid, f, jnp.sum(valid.astype(jnp.int32))
+
+
+def _choice(rule: str, name: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(
+            f"{rule}: {name}={value!r} is not valid; valid: {', '.join(repr(o) for o in options)}."
+        )
+
+
+def _check_number(rule: str, name: str, value, *, low=None, low_open=False, integer=False):
+    v = _concrete(value)
+    if v is None:
+        return
+    if integer and int(v) != v:
+        raise ConfigError(f"{rule}: {name} must be an integer; got {name}={value!r}.")
+    if low is not None and (v <= low if low_open else v < low):
+        op = ">" if low_open else ">="
+        raise ConfigError(f"{rule}: {name} must be {op} {low}; got {name}={value!r}.")
+
+
+def _requirement(rule: str, text: str, ok: Callable[[int, int], bool]):
+    """``requirement(n, f)`` from a predicate and its text, worded as in jbyz.aggregators."""
+
+    def requirement(n: int, f: int) -> str | None:
+        if f < 0:
+            return f"{rule} needs f >= 0; got n={n}, f={f}."
+        if n < 1:
+            return f"{rule} needs at least one valid input; got n={n}, f={f}."
+        if ok(n, f):
+            return None
+        good = [g for g in range(n + 1) if ok(n, g)]
+        hint = f"largest valid f is {max(good)}" if good else f"no f is valid with n={n}"
+        return f"{rule} needs {text} valid inputs; got n={n}, f={f} ({hint})"
+
+    return requirement
+
+
+def _make(name, apply, requirement, needs_reference=False) -> AggregationRule:
+    return AggregationRule(
+        name=name, apply=apply, requirement=requirement, needs_reference=needs_reference
+    )
+
+
+def _weighted_mean(keep: Array, x: Array) -> Array:
+    """Mean of the rows with ``keep`` (exact zeros elsewhere, so non-finite rows are masked);
+    0 when nothing is kept."""
+    count = jnp.sum(keep.astype(jnp.float32))
+    return S.weighted_row_sum(keep.astype(jnp.float32) / jnp.maximum(count, 1.0), x)
+
+
+def _median_centre(x: Array, valid: Array, m: Array) -> Array:
+    """Coordinate-wise median of the valid rows (non-finite coordinates -> 0): a Gram centre close
+    to the honest rows, which keeps the float32 cancellation of centred Gram matrices small."""
+    med = S.columnwise(lambda xb: S.median_of_sorted(S.sorted_rows(S.prepare(xb, valid)), m), x)
+    return S.materialize(jnp.where(jnp.isfinite(med), med, 0.0))
+
+
+def _masked_gram(x: Array, valid: Array, centre: Array | None) -> tuple[Array, Array]:
+    """``(G [n, n], usable [n])``: the Gram matrix of ``x - centre`` with every entry that involves
+    an unusable row (invalid, or non-finite squared norm) set to 0."""
+    g = S.gram(x, centre)
+    usable = valid & jnp.isfinite(jnp.diagonal(g))
+    return jnp.where(usable[:, None] & usable[None, :], g, 0.0), usable
+
+
+def _centred(g: Array, w: Array) -> Array:
+    """``K = (I - 1 w^T) G (I - w 1^T)``: the Gram matrix of the rows minus their ``w``-weighted
+    mean (``sum w = 1``), i.e. ``K_ij = <x_i - mu, x_j - mu>``."""
+    gw = g @ w
+    return g - gw[:, None] - gw[None, :] + jnp.dot(w, gw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A rule of this module, as :mod:`jbyz.aggregators` registers it."""
+
+    name: str
+    factory: Callable[..., AggregationRule]
+    description: str
+    reference: str
+
+
+# --------------------------------------------------------------------------------------------
+# MoNNA
+
+
+def monna(idx: int = -1) -> AggregationRule:
+    r"""MoNNA: the mean of the ``n - f`` nearest neighbours of a trusted input.
+
+    .. math:: \mathrm{out} = \frac{1}{n - f}\sum_{i \in N_t} x_i
+
+    where :math:`N_t` holds the ``n - f`` inputs closest (Euclidean) to the trusted input
+    :math:`x_t`, itself included. MoNNA is meant for peer-to-peer learning, where each honest node
+    aggregates around its own vector.
+
+    The trusted input is the ``idx``-th *valid* row in slot order (negative ``idx`` counts from the
+    last valid row), so padding does not move it. The default ``idx = -1`` is the last valid row:
+    jbyz places the Byzantine workers in the first slots, so the last valid row is honest whenever
+    an honest worker takes part. ByzFL's ``MoNNA(f, idx)`` indexes the input list directly (its
+    Byzantine vectors come last, so its ``idx = 0`` is honest); on an unpadded stack
+    ``monna(idx=i)`` equals ``MoNNA(f, i)`` for ``i >= 0``. Distance ties go to the lower slot
+    (ByzFL's ``argpartition`` leaves them unspecified). Not permutation invariant, by design (it
+    depends on which input is trusted).
+
+    Non-finite rows are at infinite distance and never selected; the trusted row is assumed
+    finite (if it is not, nothing is selected and the output is 0). Cost ``O(n d)``.
+
+    Args:
+      idx: position of the trusted input among the valid rows (Python int or int array).
+
+    Returns:
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1`` (ByzFL: ``2f < n``) and
+      ``-n <= idx < n``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+      >>> out, _ = monna(idx=1)(x, jnp.ones(3, bool), f=1, key=None)
+      >>> out.tolist()  # the trusted row 1 and its nearest neighbour (row 0 wins the tie)
+      [2.5, 3.5, 4.5]
+
+    References:
+      Farhadkhani, Guerraoui, Gupta, Hoang, Pinot, Stephan. Robust collaborative learning with
+      linear gradient overhead. ICML 2023.
+    """
+    _check_number("monna", "idx", idx, integer=True)
+    iv = _concrete(idx)
+    base = _requirement("monna", "n >= 2f + 1", lambda n, f: n >= 2 * f + 1)
+
+    def req(n, f):
+        if iv is not None and n >= 1 and not -n <= iv < n:
+            return (
+                f"monna: the trusted input idx={iv} does not exist among n={n} valid inputs "
+                f"(valid: {-n} <= idx <= {n - 1})"
+            )
+        return base(n, f)
+
+    def apply(x, valid, f, key, state):
+        x, valid, f, m = _inputs(x, valid, f)
+        i = jnp.asarray(idx, jnp.int32)
+        target = jnp.where(i < 0, m + i, i)
+        pos = jnp.cumsum(valid.astype(jnp.int32)) - 1
+        trusted = valid & (pos == target)
+        xt = S.weighted_row_sum(trusted.astype(jnp.float32), x)
+        diff = x - S.materialize(xt)[None, :]
+        sq = jnp.einsum("id,id->i", diff, diff, precision=_HI)
+        usable = valid & jnp.isfinite(sq)
+        keep = usable & (S.ranks(sq, usable) < m - f)
+        return _weighted_mean(keep, x), state
+
+    return _make("monna", apply, req)
+
+
+# --------------------------------------------------------------------------------------------
+# SMEA
+
+
+def smea(max_subsets: int = 2**12) -> AggregationRule:
+    r"""SMEA: the mean of the ``(n - f)``-subset whose covariance has the smallest top eigenvalue.
+
+    .. math:: S^\star = \operatorname{arg\,min}_{|S| = n - f}\ \lambda_{\max}(\Sigma_S),\quad
+              \Sigma_S = \frac{1}{|S|}\sum_{i\in S}(x_i - \mu_S)(x_i - \mu_S)^T,\quad
+              \mathrm{out} = \mu_S^\star = \frac{1}{|S^\star|}\sum_{i\in S^\star} x_i
+
+    The eigenvalue is computed *exactly*: :math:`\lambda_{\max}(\Sigma_S)` is the top eigenvalue
+    of the subset's centred ``|S| x |S|`` Gram matrix divided by ``|S|``, here
+    :math:`P_S G P_S / |S|` with :math:`P_S = \mathrm{diag}(s) - s s^T/|S|` (``s`` the subset's
+    indicator, ``G`` one Gram matrix of all rows, centred at their coordinate-wise median for
+    float32 accuracy), by a batched symmetric eigen-solve. ByzFL's ``SMEA`` instead estimates
+    each subset's eigenvalue with one power-method step from a random start, so its choice of
+    subset is random and can differ from the exact one.
+
+    All ``2^n`` subsets of the ``n`` worker slots are enumerated as bitmasks (so ``f`` and the
+    valid mask stay traced, as :func:`jbyz.aggregators.mda`); the subsets of size ``m - f`` made of
+    valid rows compete, those with an unusable (non-finite) row lose. Exact ties go to the
+    first subset in bitmask order (ByzFL: the first in ``itertools.combinations`` order).
+    Cost: ``O(2^n n^3)`` time and ``O(2^n n^2)`` memory per call, hence the ``n`` limit.
+
+    Args:
+      max_subsets: the largest ``2^n`` allowed (default ``2**12``, i.e. ``n <= 12`` worker
+        slots; ``2**16`` allows 16 at about 16x the time and memory).
+
+    Returns:
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1`` (ByzFL: ``2f < n``) and
+      ``2^n <= max_subsets``.
+
+    References:
+      Allouah, Guerraoui, Gupta, Pinot, Stephan. On the privacy-robustness-utility trilemma in
+      distributed learning. ICML 2023.
+    """
+    _check_number("smea", "max_subsets", max_subsets, low=1, integer=True)
+    max_subsets = int(max_subsets)
+    largest_n = max_subsets.bit_length() - 1
+    base = _requirement("smea", "n >= 2f + 1", lambda n, f: n >= 2 * f + 1)
+
+    def too_many(n):
+        return (
+            f"smea enumerates all 2**n subsets of the n worker slots; n={n} gives 2**{n} > "
+            f"max_subsets={max_subsets}. Valid: n <= {largest_n} slots, or raise max_subsets "
+            f"(time grows as 2**n * n**3, memory as 2**n * n**2)."
+        )
+
+    def req(n, f):
+        if n >= 1 and 2**n > max_subsets:
+            return too_many(n)
+        return base(n, f)
+
+    def apply(x, valid, f, key, state):
+        x, valid, f, m = _inputs(x, valid, f)
+        n = x.shape[0]
+        if 2**n > max_subsets:
+            raise ConfigError(too_many(n))
+        g, usable = _masked_gram(x, valid, _median_centre(x, valid, m))
+        g = lax.stop_gradient(g)
+        bits_np = ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1).astype(bool)
+        bits = jnp.asarray(bits_np)
+        size = jnp.asarray(bits_np.sum(axis=1).astype(np.int32))
+        k = m - f
+        eligible = (size == k) & ~jnp.any(bits & ~valid[None, :], axis=1)
+        clean = ~jnp.any(bits & ~usable[None, :], axis=1)
+        s = jnp.asarray(bits_np.astype(np.float32))
+        kf = jnp.maximum(k, 1).astype(jnp.float32)
+        p = jax.vmap(jnp.diag)(s) - s[:, :, None] * s[:, None, :] / kf  # [2^n, n, n]
+        c = jnp.einsum("bij,jk,bkl->bil", p, g, p, precision=_HI)
+        lam = jnp.linalg.eigvalsh(0.5 * (c + jnp.swapaxes(c, 1, 2)))[:, -1] / kf
+        score = jnp.where(clean, lam, jnp.inf)
+        best = S.argmin_preferring(score, eligible)
+        return _weighted_mean(bits[best], x), state
+
+    return _make("smea", apply, req)
+
+
+# --------------------------------------------------------------------------------------------
+# CAF
+
+
+def caf(iters: int | None = None, tau_max: str = "active") -> AggregationRule:
+    r"""CAF, the covariance-bound agnostic filter.
+
+    Start from weights :math:`c_i = 1`. While :math:`\sum_i c_i > n - 2f`:
+
+    .. math:: \mu_c = \frac{\sum_i c_i x_i}{\sum_i c_i},\quad
+              \Sigma_c = \frac{\sum_i c_i (x_i - \mu_c)(x_i - \mu_c)^T}{\sum_i c_i},\quad
+              \tau_i = \big((x_i - \mu_c)^T v\big)^2,\quad
+              c_i \leftarrow c_i \Big(1 - \frac{\tau_i}{\max_j \tau_j}\Big)
+
+    with :math:`(\lambda, v)` the top eigenpair of :math:`\Sigma_c`; return the :math:`\mu_c` of
+    the iteration whose :math:`\lambda` was smallest (the plain mean when the loop never runs,
+    e.g. ``f = 0``; ByzFL returns ``None`` there).
+
+    The eigenpair is computed *exactly*, from the ``n x n`` matrix
+    :math:`D^{1/2} K D^{1/2} / \sum c` (``D = diag(c)``, ``K`` the Gram matrix of
+    :math:`x_i - \mu_c`) by a symmetric eigen-solve; ByzFL's ``CAF`` takes one power-method step
+    from a random start instead, so its weights and its choice are random.
+
+    ``tau_max`` says over which rows :math:`\max_j \tau_j` runs:
+
+    * ``"active"`` (default): the rows whose weight is still positive. Each iteration then zeroes
+      at least one remaining row, so the loop ends after at most ``2f`` iterations and a static
+      loop of ``n`` iterations (frozen once the weight sum reaches ``n - 2f``) is exact.
+    * ``"all"``: every valid row, as ByzFL's code. A row already at weight 0 can keep the largest
+      projection; the others then shrink only slowly, and the loop can need thousands of
+      iterations (measured on random inputs with ``n <= 15``: a median of 2, but more than ``2n``
+      in about a fifth of the cases). It runs ``iters`` iterations at most, so it equals ByzFL's
+      loop (with an exact eigenpair) only when that loop ends within ``iters``.
+
+    Unusable (non-finite) rows start at weight 0 (as if already filtered; the stopping rule still
+    counts ``n`` valid inputs). When every remaining row projects to 0 the weights stop changing.
+
+    Args:
+      iters: the static iteration bound; ``None``: ``n`` (the worker slots), enough for
+        ``tau_max="active"``.
+      tau_max: ``"active"`` or ``"all"`` (see above).
+
+    Returns:
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1`` (ByzFL: ``2f < n``).
+
+    References:
+      Allouah, Guerraoui, Stephan. Towards trustworthy federated learning with untrusted
+      participants. ICML 2025.
+    """
+    _choice("caf", "tau_max", tau_max, ("active", "all"))
+    if iters is not None:
+        _check_number("caf", "iters", iters, low=1, integer=True)
+
+    def apply(x, valid, f, key, state):
+        x, valid, f, m = _inputs(x, valid, f)
+        n = x.shape[0]
+        t_max = n if iters is None else int(iters)
+        g, usable = _masked_gram(x, valid, _median_centre(x, valid, m))
+        stop = (m - 2 * f).astype(jnp.float32)
+        c0 = usable.astype(jnp.float32)
+        w0 = c0 / jnp.maximum(jnp.sum(c0), 1.0)
+
+        def body(t, carry):
+            c, best_lam, best_w = carry
+            total = jnp.sum(c)
+            running = total > stop
+            w = c / jnp.maximum(total, 1e-30)
+            k = _centred(g, w)
+            sc = lax.stop_gradient(jnp.sqrt(c))
+            mat = lax.stop_gradient(sc[:, None] * k * sc[None, :] / jnp.maximum(total, 1e-30))
+            lams, vecs = jnp.linalg.eigh(0.5 * (mat + mat.T))
+            lam = lams[-1]
+            proj = k @ (sc * vecs[:, -1])  # proportional to (x_i - mu_c)^T v
+            tau = jnp.where(usable, proj * proj, 0.0)
+            scope = (c > 0) if tau_max == "active" else usable
+            tmax = jnp.max(jnp.where(scope, tau, 0.0))
+            ratio = jnp.where(tmax > 0, tau / jnp.where(tmax > 0, tmax, 1.0), 0.0)
+            # The maximising rows get exactly 0 (XLA may divide by multiplying with 1 / tmax,
+            # which can leave them a weight of ~1e-8 that would keep them "active").
+            c_new = jnp.where((tmax > 0) & (tau >= tmax), 0.0, jnp.maximum(c * (1.0 - ratio), 0.0))
+            better = running & (lam < best_lam)
+            return (
+                jnp.where(running, c_new, c),
+                jnp.where(better, lam, best_lam),
+                jnp.where(better, w, best_w),
+            )
+
+        init = (c0, jnp.asarray(jnp.inf, jnp.float32), w0)
+        _, _, w = lax.fori_loop(0, t_max, body, init)
+        return S.weighted_row_sum(w, x), state
+
+    return _make("caf", apply, _requirement("caf", "n >= 2f + 1", lambda n, f: n >= 2 * f + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# DnC
+
+
+def dnc(
+    sub_dim: int = 10000, iters: int = 5, filter_frac=1.0, combine: str = "intersection"
+) -> AggregationRule:
+    r"""Divide-and-conquer (DnC): filter by the projection on the top singular vector.
+
+    ``iters`` times: draw ``b = sub_dim`` coordinates at random (without replacement; all of them
+    when ``b >= d``), centre the sub-vectors at their mean :math:`\mu`, take the top right
+    singular vector :math:`v` of the centred ``[n, b]`` matrix and the scores
+    :math:`s_i = ((x_i - \mu)^T v)^2`; keep the ``n - floor(filter_frac * f)`` inputs with the
+    lowest scores. Return the mean of the inputs kept in every iteration (``combine=
+    "intersection"``, fedlib) or in any (``"union"``, Blades v0.1.0); 0 if the intersection is
+    empty (as fedlib).
+
+    The singular vector comes from the ``n x n`` centred Gram matrix of the sub-vectors (its top
+    eigenvector ``u`` gives :math:`s_i \propto (K u)_i^2`). Differences from fedlib's ``DnC``:
+    the coordinates come from ``key`` (iteration ``r`` uses ``fold_in(key, r)``; fedlib uses
+    torch's global generator), the mean and the Gram matrix use the usable rows only (unusable
+    rows score ``+inf`` and are never kept; fedlib's SVD fails on NaN), and score ties go to the
+    lower slot. With ``sub_dim >= d`` the rule is deterministic and equals fedlib's.
+
+    Args:
+      sub_dim: coordinates drawn per iteration (static; fedlib default 10000).
+      iters: iterations (static; fedlib default 5, Blades v0.1.0 1).
+      filter_frac: fraction of ``f`` filtered per iteration (float or array; default 1).
+      combine: ``"intersection"`` or ``"union"``.
+
+    Returns:
+      An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1``.
+
+    References:
+      Shejwalkar, Houmansadr. Manipulating the Byzantine: optimizing model poisoning attacks and
+      defenses for federated learning. NDSS 2021.
+    """
+    _check_number("dnc", "sub_dim", sub_dim, low=1, integer=True)
+    _check_number("dnc", "iters", iters, low=1, integer=True)
+    _check_number("dnc", "filter_frac", filter_frac, low=0)
+    _choice("dnc", "combine", combine, ("intersection", "union"))
+    sub_dim, iters = int(sub_dim), int(iters)
+
+    def apply(x, valid, f, key, state):
+        x, valid, f, m = _inputs(x, valid, f)
+        n, d = x.shape
+        sq = jnp.einsum("id,id->i", x, x, precision=_HI)
+        usable = valid & jnp.isfinite(sq)
+        xu = jnp.where(usable[:, None], x, 0.0)
+        w = usable.astype(jnp.float32) / jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
+        drop = jnp.floor(jnp.asarray(filter_frac, jnp.float32) * f).astype(jnp.int32)
+        kept = []
+        for r in range(iters):
+            if sub_dim >= d:
+                xs = xu
+            else:
+                if key is None:
+                    raise ConfigError("dnc(sub_dim < d) draws coordinates: pass a key.")
+                cols = jax.random.permutation(jax.random.fold_in(key, r), d)[:sub_dim]
+                xs = jnp.take(xu, cols, axis=1)
+            mu = S.weighted_row_sum(w, xs)
+            k = jnp.where(usable[:, None] & usable[None, :], S.gram(xs, mu), 0.0)
+            k = lax.stop_gradient(0.5 * (k + k.T))
+            _, vecs = jnp.linalg.eigh(k)
+            proj = k @ vecs[:, -1]
+            score = jnp.where(usable, proj * proj, jnp.inf)
+            kept.append(usable & (S.ranks(score, usable) < m - drop))
+            if sub_dim >= d:  # every iteration would be the same
+                break
+        keep = kept[0]
+        for kr in kept[1:]:
+            keep = (keep & kr) if combine == "intersection" else (keep | kr)
+        return _weighted_mean(keep, x), state
+
+    return _make("dnc", apply, _requirement("dnc", "n >= 2f + 1", lambda n, f: n >= 2 * f + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# FLTrust
+
+
+def fltrust(eps: float = 1e-6) -> AggregationRule:
+    r"""FLTrust: trust scores from the server's reference update.
+
+    With :math:`g_0` the server's reference (jbyz: its gradient on the validation samples it
+    holds, ``RunConfig.server_validation``):
+
+    .. math:: TS_i = \mathrm{ReLU}\big(\cos(x_i, g_0)\big),\qquad
+              \mathrm{out} = \frac{1}{\sum_i TS_i}\sum_i TS_i\,\frac{\|g_0\|}{\|x_i\|}\,x_i
+
+    Each update is rescaled to the reference's norm and weighted by its clipped cosine
+    similarity with the reference; ``f`` is not used. The cosine is
+    :math:`\langle x_i, g_0\rangle / (\max(\|x_i\|, \epsilon)\max(\|g_0\|, \epsilon))`.
+
+    Differences from Blades v0.1.0's ``Fltrust`` (where the reference is a trusted client among
+    the inputs): when every score is 0 the output is 0 (the paper's convention; Blades divides 0
+    by 0), a zero row contributes 0 (Blades divides by its norm), and unusable (non-finite) rows
+    get score 0. Not translation equivariant and not unanimous (identical inputs ``v`` give
+    ``v ||g_0|| / ||v||``, or 0 when ``v`` points away from ``g_0``), by design.
+
+    Args:
+      eps: the cosine's norm floor (torch's ``CosineSimilarity(eps=1e-6)``, as Blades).
+
+    Returns:
+      An :class:`~jbyz.types.AggregationRule` with ``needs_reference=True``:
+      ``apply(x, valid, f, key, state, reference=g0 [d])``. Without a reference it raises
+      :class:`~jbyz.registry.ConfigError` (the simulator passes one when
+      ``server_validation > 0``).
+
+    References:
+      Cao, Fang, Liu, Gong. FLTrust: Byzantine-robust federated learning via trust bootstrapping.
+      NDSS 2021.
+    """
+    _check_number("fltrust", "eps", eps, low=0, low_open=True)
+
+    def apply(x, valid, f, key, state, reference=None):
+        x, valid, f, m = _inputs(x, valid, f)
+        if reference is None:
+            raise ConfigError(
+                "fltrust needs the server's reference update: call apply(..., reference=g0 [d]) "
+                "(the simulator computes it when RunConfig.server_validation > 0)."
+            )
+        ref = jnp.asarray(reference, jnp.float32).reshape(x.shape[1])
+        sq = jnp.einsum("id,id->i", x, x, precision=_HI)
+        usable = valid & jnp.isfinite(sq)
+        xu = jnp.where(usable[:, None], x, 0.0)
+        dots = jnp.einsum("id,d->i", xu, ref, precision=_HI)
+        norm = jnp.sqrt(jnp.where(usable, sq, 0.0))
+        rnorm = jnp.sqrt(jnp.dot(ref, ref, precision=_HI))
+        e = jnp.asarray(eps, jnp.float32)
+        ts = jnp.maximum(dots / (jnp.maximum(norm, e) * jnp.maximum(rnorm, e)), 0.0)
+        ts = jnp.where(usable & (norm > 0) & jnp.isfinite(ts), ts, 0.0)
+        total = jnp.sum(ts)
+        coef = jnp.where(ts > 0, ts * rnorm / jnp.where(norm > 0, norm, 1.0), 0.0)
+        coef = coef / jnp.where(total > 0, total, 1.0)
+        return S.weighted_row_sum(coef, x), state
+
+    return _make(
+        "fltrust", apply, _requirement("fltrust", "n >= 1", lambda n, f: n >= 1), True
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# What jbyz.aggregators registers (name, factory, description, reference).
+
+RULES = (
+    Rule(
+        "monna",
+        monna,
+        "MoNNA: mean of the n - f nearest neighbours of a trusted input (default: the last "
+        "valid row).",
+        "Farhadkhani, Guerraoui, Gupta, Hoang, Pinot, Stephan, ICML 2023",
+    ),
+    Rule(
+        "smea",
+        smea,
+        "SMEA: mean of the (n - f)-subset whose covariance has the smallest top eigenvalue "
+        "(exact, all subsets; n <= 12 slots by default).",
+        "Allouah, Guerraoui, Gupta, Pinot, Stephan, ICML 2023",
+    ),
+    Rule(
+        "caf",
+        caf,
+        "CAF: down-weight along the top covariance eigenvector until the weight sum is n - 2f; "
+        "the weighted mean of smallest top eigenvalue (exact eigen-solve).",
+        "Allouah, Guerraoui, Stephan, ICML 2025",
+    ),
+    Rule(
+        "dnc",
+        dnc,
+        "DnC: keep the n - f inputs with the smallest projection on the top singular vector of "
+        "random coordinate subsets; mean of those kept in every round.",
+        "Shejwalkar, Houmansadr, NDSS 2021",
+    ),
+    Rule(
+        "fltrust",
+        fltrust,
+        "FLTrust: inputs rescaled to the server reference's norm, weighted by ReLU(cosine) "
+        "with it (needs server_validation).",
+        "Cao, Fang, Liu, Gong, NDSS 2021",
+    ),
+)
+
+__all__ = ["RULES", "Rule", "caf", "dnc", "fltrust", "monna", "smea"]
