@@ -36,3 +36,31 @@ def test_python_blocks_are_found(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("text\n```python\nx = 1\n```\n\n```toml\n[run]\n```\n```python\ny = 2\n```\n")
     assert python_blocks(page) == ["x = 1\n", "y = 2\n"]
+
+
+def test_every_public_module_is_in_the_api_reference():
+    import pkgutil
+
+    import jbyz
+
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs").rglob("*.md")
+                      if "_build" not in p.parts)
+    documented = set(re.findall(r"\.\. automodule:: ([\w.]+)", pages))
+    modules = {"jbyz"} | {m.name for m in pkgutil.walk_packages(jbyz.__path__, "jbyz.")}
+    public = {m for m in modules if not any(part.startswith("_") for part in m.split("."))}
+    assert not public - documented, f"modules missing from docs/: {sorted(public - documented)}"
+    assert not documented - modules, f"docs/ documents unknown modules: {sorted(documented - modules)}"
+
+
+def test_ci_builds_the_docs_with_warnings_as_errors():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[docs]"' in ci
+    build = next(line for line in ci.splitlines() if "sphinx-build" in line)
+    assert " -W " in build and " docs " in build
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    extra = re.search(r"^docs = \[(.*?)^\]", pyproject, re.S | re.M)
+    assert extra, "pyproject.toml lost its docs extra"
+    conf = (ROOT / "docs" / "conf.py").read_text()
+    for package, extension in (("sphinx", "sphinx.ext.autodoc"), ("myst-parser", "myst_parser"),
+                               ("furo", '"furo"')):
+        assert f'"{package}>=' in extra.group(1) and extension in conf
