@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbyz import attacks
 from jbyz import results as results_mod
 from jbyz.attacks import resolved_columns
 from jbyz.config import RunConfig, validate
@@ -420,6 +421,8 @@ def _rows_to_frame(batch: Batch, rows: list[dict], meta: dict):
         d["run_id"] = c.config_hash()
         d["f"] = c.f_declared  # the value the run used (None in the configuration = f_real)
         d.update(results_mod.hyperparameter_columns(d))  # aggregator.tau, attack.z, ...
+        # what the attack resolved from the setting (ALIE's z when left at its default or "baruch")
+        d.update(attacks.resolved_columns(c.attack, c.attack_kwargs, c.n_workers, c.f_real))
         d.update(resolved_columns(c.attack, c.attack_kwargs, c.n_workers, c.f_real))  # z used
         cfg_cols[i] = d
     extra = pd.DataFrame([cfg_cols[i] for i in df["_run"]])

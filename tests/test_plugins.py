@@ -82,3 +82,19 @@ def test_plugin_example_runs_end_to_end(tmp_path, monkeypatch):
     assert acc[("mean", "none")] > 0.6                        # the tiny model learns digits ...
     assert acc[("mean", "inverted_mean")] < 0.3               # ... the plugin attack breaks the mean
     assert acc[("smallest_norms", "inverted_mean")] > 0.6     # ... and the plugin rule holds
+
+
+def test_readme_shows_the_example_as_it_is():
+    readme = (ROOT / "README.md").read_text()
+    code = (EXAMPLE / "my_components.py").read_text()
+    toml = (EXAMPLE / "grid.toml").read_text()
+    section = readme[readme.index("### Your own rules, attacks and models (plugins)"):]
+    section = section[:section.index("\n### ")]
+    blocks = section.split("```")[1::2]
+    py = next(b for b in blocks if b.startswith("python\n"))[len("python\n"):]
+    assert py in code
+    tml = next(b for b in blocks if b.startswith("toml\n"))[len("toml\n"):]
+    for line in tml.strip().splitlines():
+        assert line in toml.splitlines(), line
+    assert "jbyz run examples/plugin_example/grid.toml" in section
+    assert "--import my_components" in toml and "--import my_components" in section

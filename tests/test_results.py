@@ -19,7 +19,7 @@ BASE = RunConfig(dataset="digits", model="mlp", model_kwargs={"hidden": [16]}, n
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    cfgs = [BASE, BASE.replace(f=3, aggregator_kwargs={"tau": 0.5})]
+    cfgs = [BASE, BASE.replace(f=3, seed=1)]  # one compiled group (f and seed are arguments)
     table = grid.run_grid(cfgs, out, grid.GridOptions(), progress=False, log=None)
     return out, cfgs, table
 
@@ -33,16 +33,35 @@ def test_rows_carry_declared_f_and_scalar_hyperparameters(tiny):
     for run_id, rows in df.groupby("run_id"):
         c = by_id[run_id]
         assert (rows["f"] == c.f_declared).all()           # 2 where f was left unset, 3 declared
-        assert (rows["aggregator.tau"] == c.aggregator_kwargs["tau"]).all()
+        assert (rows["aggregator.tau"] == 1.0).all()
         assert (rows["attack.z"] == 1.5).all()
         assert json.loads(rows["attack_kwargs"].iloc[0]) == {"z": 1.5}  # the full record stays
     assert sorted(df.drop_duplicates("run_id")["f"]) == [2, 3]
+    assert "aggregator.iters" not in df.columns              # defaults are not spelled out ...
     assert "model.hidden" not in df.columns                  # a list: kept in model_kwargs only
     assert df.columns.tolist() == table.columns.tolist()
 
 
+def test_attack_z_is_recorded_when_left_at_its_default(tmp_path):
+    # ... except what an attack resolves from the setting: ALIE's z, default or Baruch's formula.
+    cfgs = [BASE.replace(attack_kwargs={}), BASE.replace(attack={"name": "alie", "z": "baruch"})]
+    batch = grid.Batch(0, cfgs)
+    rows = [{"step": 0, "test_accuracy": 0.5, "_run": i} for i in range(2)]
+    with pytest.warns(UserWarning, match="z = 0.253 at n=7, f_real=2"):
+        table = grid._rows_to_frame(batch, rows, {"jbyz_version": "test"})
+    assert table["attack_kwargs"].tolist() == ["{}", '{"z": "baruch"}']
+    z = table.set_index("run_id")["attack.z"]
+    from jbyz.attacks import alie_z
+
+    assert z[cfgs[0].config_hash()] == 1.5
+    assert z[cfgs[1].config_hash()] == pytest.approx(float(alie_z(7, 2)), abs=1e-6)
+
+
 def test_summary_groups_by_readable_columns(tiny):
-    _, _, table = tiny
+    _, cfgs, table = tiny
+    other = table["run_id"] == cfgs[1].config_hash()  # as if run with tau = 0.5
+    table = table.assign(aggregator_kwargs=table["aggregator_kwargs"].where(~other, '{"tau": 0.5}'),
+                         **{"aggregator.tau": table["aggregator.tau"].where(~other, 0.5)})
     s = results.summarize(table)
     assert "aggregator.tau" in s.columns and "f" in s.columns
     assert "aggregator_kwargs" not in s.columns              # said by aggregator.tau
