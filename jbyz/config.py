@@ -1,7 +1,8 @@
 """Run configurations: a dataclass, TOML files, and validation before any compute.
 
-A configuration file is TOML with a ``[run]`` table (fields of :class:`RunConfig`), an optional
-``[sweep]`` table (field -> list of values; the product is run), optional ``[[grid]]`` blocks
+A configuration file is TOML with a ``[run]`` table (fields of :class:`RunConfig`, and
+``plugins``: modules imported first, which register components of one's own, see
+:mod:`jbyz.plugins`), an optional ``[sweep]`` table (field -> list of values; the product is run), optional ``[[grid]]`` blocks
 (explicit parts of the grid where a single product is wrong: each block is a table of field ->
 value or list; the grid is the union over blocks of the product of ``[sweep]`` and the block,
 the block's fields overriding the sweep's), an optional ``[execution]`` table (how the grid runs:
