@@ -289,6 +289,9 @@ def worker_momentum(
         raise ValueError(f"worker_momentum form must be 'ema' or 'sum', got {form!r}")
     if first not in ("gradient", "zero"):
         raise ValueError(f"worker_momentum first must be 'gradient' or 'zero', got {first!r}")
+    b = concrete_number(beta)
+    if b is not None and not 0.0 <= b < 1.0:
+        raise ConfigError(f"momentum must be in [0, 1), got {b}")
 
     def init_fn(params):
         n = _init_n(num_workers, "worker_momentum")
@@ -333,6 +336,9 @@ def clip_per_worker(max_norm: float, num_workers: int, *, form: str = "radius"
     """
     if form not in ("radius", "unit"):
         raise ValueError(f"clip_per_worker form must be 'radius' or 'unit', got {form!r}")
+    c = concrete_number(max_norm)
+    if c is not None and not c > 0:
+        raise ConfigError(f"clip_per_worker must be > 0 or omitted, got {c}")
 
     def update_fn(updates, state, params=None, **extra):
         del extra

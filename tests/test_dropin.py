@@ -59,6 +59,16 @@ def test_declared_f_must_leave_an_honest_worker():
         jbyz.byzantine("sign_flip", f_real=10, num_workers=10)
 
 
+def test_worker_stage_arguments_checked_like_the_runner():
+    for bad, field, stage in [(1.0, "momentum", lambda v: jbyz.worker_momentum(v, N)),
+                              (-0.1, "momentum", lambda v: jbyz.worker_momentum(v, N)),
+                              (0.0, "clip_per_worker", lambda v: jbyz.clip_per_worker(v, N))]:
+        with pytest.raises(jbyz.ConfigError) as e:
+            stage(bad)
+        runner = validate(RunConfig(**{field: bad}))
+        assert str(e.value) in runner, (str(e.value), runner)
+
+
 def test_traced_f_is_nan_when_the_rule_cannot_take_it():
     """f arriving traced (extra-arg under jit, inject_hyperparams) cannot be checked on the host:
     the update is NaN for an f the rule rejects at num_workers rows, exact otherwise."""

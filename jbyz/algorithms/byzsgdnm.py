@@ -101,8 +101,8 @@ def _chain(learning_rate, *, num_workers, aggregator, f, momentum, preaggregator
         if f_real is None:
             raise ValueError("attack given without f_real (how many workers are Byzantine)")
         stages.append(transforms.byzantine(_build("attack", attack), f_real, num_workers,
-                                           seed=seed))
-    stages.append(transforms.robust_aggregate(agg, f, num_workers, preaggregators=pre, seed=seed))
+                                           key=seed))
+    stages.append(transforms.robust_aggregate(agg, f, num_workers, preaggregators=pre, key=seed))
     if normalize:
         stages.append(transforms.normalize(eps))
     stages.append(optax.scale_by_learning_rate(learning_rate))
