@@ -42,7 +42,6 @@ import numpy as np
 
 from jbyz import attacks
 from jbyz import results as results_mod
-from jbyz.attacks import resolved_columns
 from jbyz.config import RunConfig, validate
 from jbyz.registry import ConfigError
 
@@ -423,7 +422,6 @@ def _rows_to_frame(batch: Batch, rows: list[dict], meta: dict):
         d.update(results_mod.hyperparameter_columns(d))  # aggregator.tau, attack.z, ...
         # what the attack resolved from the setting (ALIE's z when left at its default or "baruch")
         d.update(attacks.resolved_columns(c.attack, c.attack_kwargs, c.n_workers, c.f_real))
-        d.update(resolved_columns(c.attack, c.attack_kwargs, c.n_workers, c.f_real))  # z used
         cfg_cols[i] = d
     extra = pd.DataFrame([cfg_cols[i] for i in df["_run"]])
     df = pd.concat([extra.reset_index(drop=True), df.drop(columns="_run").reset_index(drop=True)], axis=1)
