@@ -1,4 +1,4 @@
-r"""More robust aggregation rules: MoNNA, SMEA, CAF, DnC and FLTrust.
+r"""More robust aggregation rules: MoNNA, SMEA, CAF, DnC, FLTrust and SignGuard.
 
 The same kernel contract as :mod:`jbyz.aggregators` (read its module docstring first): every
 factory returns a :class:`jbyz.types.AggregationRule` whose ``apply`` is
@@ -525,6 +525,114 @@ def fltrust(eps: float = 1e-6) -> AggregationRule:
 
 
 # --------------------------------------------------------------------------------------------
+# SignGuard
+
+
+def _lex_argmax(score: Array, allowed: Array, tiebreak: Array) -> Array:
+    """``argmax`` of ``score`` over ``allowed`` rows, exact ties to the larger ``tiebreak`` (a
+    value, so the choice does not depend on the row order), then to the lower index."""
+    return jnp.argmin(jnp.where(allowed, S.ranks(-score, allowed, -tiebreak), score.shape[0]))
+
+
+def _two_means(feat: Array, usable: Array, tb: Array, iters: int) -> tuple[Array, Array]:
+    """2-means of the usable rows of ``feat [n, k]`` by ``iters`` Lloyd steps from a
+    deterministic start: centre ``a`` is the row farthest from the mean, centre ``b`` the row
+    farthest from ``a`` (exact ties to the larger ``tb [n]``, a value computed from the features).
+    Returns ``(in_a [n] bool, in_b [n] bool)`` (a distance tie goes to ``a``; an empty cluster
+    keeps its centre)."""
+    u = usable.astype(jnp.float32)
+    mean = (u @ feat) / jnp.maximum(jnp.sum(u), 1.0)
+
+    def sqd(c):
+        return jnp.sum((feat - c[None, :]) ** 2, axis=1)
+
+    ca = feat[_lex_argmax(sqd(mean), usable, tb)]
+    cb = feat[_lex_argmax(sqd(ca), usable, tb)]
+
+    def step(t, cs):
+        ca, cb = cs
+        in_a = usable & (sqd(ca) <= sqd(cb))
+        in_b = usable & ~in_a
+        na, nb = jnp.sum(in_a), jnp.sum(in_b)
+        ca = jnp.where(na > 0, (in_a.astype(jnp.float32) @ feat) / jnp.maximum(na, 1), ca)
+        cb = jnp.where(nb > 0, (in_b.astype(jnp.float32) @ feat) / jnp.maximum(nb, 1), cb)
+        return ca, cb
+
+    ca, cb = lax.fori_loop(0, iters, step, (ca, cb))
+    in_a = usable & (sqd(ca) <= sqd(cb))
+    return in_a, usable & ~in_a
+
+
+def signguard(lower=0.1, upper=3.0, kmeans_iters: int = 10) -> AggregationRule:
+    r"""SignGuard: norm filtering and clustering of the sign statistics.
+
+    1. Norm clipping: with :math:`M` the median of the input norms, every input with
+       :math:`\|x_i\| > M` is scaled by :math:`M / (\|x_i\| + 10^{-6})` (fedlib's
+       ``clip_tensor_norm_``).
+    2. Norm filter :math:`S_1`: the inputs whose (clipped) norm lies in
+       :math:`[\mathrm{lower} \cdot M, \mathrm{upper} \cdot M]`.
+    3. Sign filter :math:`S_2`: each input's features are its fractions of positive, negative and
+       zero coordinates; 2-means on these features; :math:`S_2` is the larger cluster.
+    4. Output: the mean of the clipped inputs in :math:`S_1 \cap S_2` (0 if it is empty).
+
+    The semantics are fedlib's ``Signguard`` (the clipping happens before the norm filter there,
+    so ``upper`` never bites after clipping). Differences: fedlib runs scikit-learn's
+    ``KMeans(n_clusters=2, random_state=0)`` (k-means++ from a seeded random start, Lloyd steps to
+    convergence); here the start is deterministic (the feature row farthest from the mean, then
+    the row farthest from that one, ties broken by feature value so the rule stays permutation
+    invariant) and ``kmeans_iters`` Lloyd steps run. Both find the same two clusters whenever
+    these are well separated. Equal cluster sizes: fedlib keeps the one scikit-learn labels 0
+    (which depends on its random start); here the cluster not seeded by the farthest row. The
+    median and the clustering use the usable (finite) rows only; fedlib's median is NaN with a
+    NaN row. Not translation equivariant (signs and norms), by design.
+
+    Args:
+      lower: lower norm bound factor (0.1 in the paper and fedlib; float or array).
+      upper: upper norm bound factor (3.0; float or array).
+      kmeans_iters: Lloyd iterations of the 2-means (static).
+
+    Returns:
+      An :class:`~jbyz.types.AggregationRule`. ``f`` is not used; needs ``n >= 1``.
+
+    References:
+      Xu, Huang, Zhang, Liu, Chen. SignGuard: Byzantine-robust federated learning through
+      collaborative malicious gradient filtering. ICDCS 2022.
+    """
+    _check_number("signguard", "lower", lower, low=0)
+    _check_number("signguard", "upper", upper, low=0)
+    _check_number("signguard", "kmeans_iters", kmeans_iters, low=0, integer=True)
+    kmeans_iters = int(kmeans_iters)
+
+    def apply(x, valid, f, key, state):
+        x, valid, f, m = _inputs(x, valid, f)
+        sq = jnp.einsum("id,id->i", x, x, precision=_HI)
+        usable = valid & jnp.isfinite(sq)
+        count = jnp.sum(usable.astype(jnp.int32))
+        norm = jnp.sqrt(jnp.where(usable, sq, 0.0))
+        med = S.median_of_sorted(S.sorted_rows(S.prepare(norm[:, None], usable)), count)[0]
+        scale = jnp.where(norm > med, med / (norm + 1e-6), 1.0)
+        cnorm = norm * scale
+        s1 = usable & (cnorm >= jnp.asarray(lower, jnp.float32) * med)
+        s1 = s1 & (cnorm <= jnp.asarray(upper, jnp.float32) * med)
+        d = x.shape[1]
+        xs = jnp.where(usable[:, None], x, 0.0)
+        pos = jnp.sum(xs > 0, axis=1).astype(jnp.float32)
+        neg = jnp.sum(xs < 0, axis=1).astype(jnp.float32)
+        feat = jnp.stack([pos, neg, d - pos - neg], axis=1) / d
+        # Start ties by value: the (positive, negative) counts in lexicographic order (exact in
+        # float32 up to d ~ 4000; beyond, rare ties between nearby counts fall back to the slot).
+        tb = pos * (d + 1.0) + neg
+        in_a, in_b = _two_means(feat, usable, tb, kmeans_iters)
+        s2 = jnp.where(jnp.sum(in_b) >= jnp.sum(in_a), in_b, in_a)
+        keep = s1 & s2
+        total = jnp.sum(keep.astype(jnp.float32))
+        w = jnp.where(keep, scale, 0.0) / jnp.maximum(total, 1.0)
+        return S.weighted_row_sum(w, x), state
+
+    return _make("signguard", apply, _requirement("signguard", "n >= 1", lambda n, f: n >= 1))
+
+
+# --------------------------------------------------------------------------------------------
 # What jbyz.aggregators registers (name, factory, description, reference).
 
 RULES = (
@@ -563,6 +671,13 @@ RULES = (
         "with it (needs server_validation).",
         "Cao, Fang, Liu, Gong, NDSS 2021",
     ),
+    Rule(
+        "signguard",
+        signguard,
+        "SignGuard: clip to the median norm, keep inputs with norms in [0.1, 3] x median and in "
+        "the larger 2-means cluster of sign statistics; their mean.",
+        "Xu, Huang, Zhang, Liu, Chen, ICDCS 2022",
+    ),
 )
 
-__all__ = ["RULES", "Rule", "caf", "dnc", "fltrust", "monna", "smea"]
+__all__ = ["RULES", "Rule", "caf", "dnc", "fltrust", "monna", "signguard", "smea"]

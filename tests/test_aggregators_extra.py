@@ -27,7 +27,7 @@ from jbyz.registry import ConfigError
 DATA = json.loads((pathlib.Path(__file__).parent / "data" / "peer_reference_aggregators.json")
                   .read_text())
 KEY = jax.random.key(0)
-NEW = ("monna", "smea", "caf", "dnc", "fltrust")
+NEW = ("monna", "smea", "caf", "dnc", "fltrust", "signguard")
 
 
 def call(name, x, f, valid=None, reference=None, key=KEY, **hp):
@@ -62,7 +62,7 @@ def test_equals_peer_output(i):
 
 
 def test_peer_cases_cover_each_deterministic_rule():
-    assert {c["rule"] for c in DATA["cases"]} == {"monna", "dnc", "fltrust"}
+    assert {c["rule"] for c in DATA["cases"]} == {"monna", "dnc", "fltrust", "signguard"}
     assert set(DATA["peers"]) == {"byzfl", "fedlib", "blades"}
 
 
@@ -112,7 +112,8 @@ def outlier_sample(seed, n, d, b, scale=6.0):
     return x.astype(np.float32).astype(np.float64)
 
 
-SMEA_CASES = [(0, 7, 3, 2, 2), (1, 8, 12, 3, 1), (2, 9, 2, 4, 4), (3, 6, 30, 1, 0), (4, 10, 5, 3, 3)]
+SMEA_CASES = [(0, 7, 3, 2, 2), (1, 8, 12, 3, 1), (2, 9, 2, 4, 4), (3, 6, 30, 1, 0),
+              (4, 10, 5, 3, 3)]
 
 
 @pytest.mark.parametrize("seed,n,d,f,b", SMEA_CASES)
@@ -120,7 +121,7 @@ def test_smea_equals_exact_numpy(seed, n, d, f, b):
     x = outlier_sample(seed, n, d, b)
     want, _ = np_smea(x, f)
     np.testing.assert_allclose(call("smea", x, f), want, rtol=1e-5, atol=1e-5)
-    # ...and the same with the rows spread over padded slots (12 slots = the default limit).
+    # ...and the same with the rows spread over padded slots (12 slots, the default limit).
     slots = np.sort(np.random.default_rng(seed).choice(12, size=n, replace=False))
     xp, valid = pad(x, slots, 12)
     np.testing.assert_allclose(call("smea", xp, f, valid), want, rtol=1e-5, atol=1e-5)
@@ -215,6 +216,21 @@ def test_fltrust_needs_its_reference_and_zero_trust_gives_zero():
     # Output norm is the reference's when every input points the same way.
     out = call("fltrust", np.tile(ref, (6, 1)) * np.arange(1, 7)[:, None], 0, reference=2 * ref)
     np.testing.assert_allclose(out, 2 * ref, rtol=1e-5)
+
+
+def test_signguard_filters_flipped_and_tiny_rows_and_clips_large_ones():
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(11, 30)) + 1.0
+    x[:3] = -x[:3]  # sign statistics of the minority
+    x[3] *= 0.01  # norm below 0.1 x the median
+    x[4] *= 40.0  # clipped to the median norm
+    norms = np.linalg.norm(x, axis=1)
+    med = np.median(norms)
+    clipped = x * np.where(norms > med, med / (norms + 1e-6), 1.0)[:, None]
+    want = clipped[4:].mean(0)
+    np.testing.assert_allclose(call("signguard", x, 0), want, rtol=1e-5, atol=1e-6)
+    perm = np.random.default_rng(0).permutation(11)
+    np.testing.assert_allclose(call("signguard", x[perm], 0), want, rtol=1e-5, atol=1e-6)
 
 
 def test_registered_with_references_and_listed():

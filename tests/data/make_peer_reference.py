@@ -4,11 +4,14 @@ Run ONCE (the JSON is committed; the tests never need torch or the peers):
 
     # a CPU torch beside numpy and scipy, in a throw-away venv (not jbyz's environment)
     python3.11 -m venv /tmp/peerref-venv
-    /tmp/peerref-venv/bin/pip install "torch==2.13.0+cpu" numpy scipy   # any CPU torch will do
+    /tmp/peerref-venv/bin/pip install "torch==2.13.0+cpu" numpy scipy scikit-learn  # CPU torch
     # the peers' sources at the commits below (git clone + git checkout, or `git archive`)
-    git clone https://github.com/LPD-EPFL/byzfl  /tmp/peers/byzfl   && git -C /tmp/peers/byzfl checkout 69bd1ac0116fa7ff9eaf6d8ae049650d8e5f7e55
-    git clone https://github.com/fedlib/fedlib   /tmp/peers/fedlib  && git -C /tmp/peers/fedlib checkout 8428019621bef6abc1a23c1c4363823221559a4e
-    git clone https://github.com/lishenghui/blades /tmp/peers/blades && git -C /tmp/peers/blades checkout v0.1.0
+    git clone https://github.com/LPD-EPFL/byzfl /tmp/peers/byzfl
+    git -C /tmp/peers/byzfl checkout 69bd1ac0116fa7ff9eaf6d8ae049650d8e5f7e55
+    git clone https://github.com/fedlib/fedlib /tmp/peers/fedlib
+    git -C /tmp/peers/fedlib checkout 8428019621bef6abc1a23c1c4363823221559a4e
+    git clone https://github.com/lishenghui/blades /tmp/peers/blades
+    git -C /tmp/peers/blades checkout v0.1.0
     /tmp/peerref-venv/bin/python tests/data/make_peer_reference.py \
         --byzfl /tmp/peers/byzfl --fedlib /tmp/peers/fedlib --blades /tmp/peers/blades
 
@@ -22,6 +25,11 @@ Peers and what is taken from them (only the files named are imported, nothing is
   ``fedlib/aggregators/aggregators.py`` ``DnC(num_byzantine, sub_dim, num_iters, filter_frac)``
   with ``sub_dim >= d`` (every iteration then uses all coordinates, so the output does not depend
   on torch's random permutation).
+* fedlib (same commit): ``fedlib/aggregators/signguard.py`` ``Signguard()``. Its
+  ``fedlib.utils.torch_utils`` import pulls in ray, so only the function it calls,
+  ``clip_tensor_norm_``, is taken from ``fedlib/utils/torch_utils.py`` (its source, unchanged, by
+  ``ast``). SignGuard's 2-means is scikit-learn's ``KMeans(random_state=0)`` (scikit-learn is
+  needed in the venv); the cases have well separated sign statistics.
 * Blades, lishenghui/blades at tag v0.1.0 (a7238f20ece562d24772421a7e57f9b792c9b8eb):
   ``src/blades/aggregators/fltrust.py`` ``Fltrust()``; its ``blades.client`` import is replaced by
   a stand-in (only ``is_trusted()`` and ``get_update()`` are called). The trusted client's update
@@ -117,6 +125,45 @@ def main() -> None:
                           params={"iters": iters, "filter_frac": frac}, f=f, x=x.tolist(),
                           out=out.tolist()))
 
+    # fedlib SignGuard: fedlib.aggregators as a bare package (its __init__ imports every rule),
+    # fedlib.utils.torch_utils reduced to the one function SignGuard calls.
+    import ast
+
+    root = args.fedlib / "fedlib"
+    for name, path in [("fedlib", root), ("fedlib.aggregators", root / "aggregators")]:
+        mod = types.ModuleType(name)
+        mod.__path__ = [str(path)]
+        sys.modules[name] = mod
+    src = (root / "utils" / "torch_utils.py").read_text()
+    fn = next(n for n in ast.parse(src).body
+              if isinstance(n, ast.FunctionDef) and n.name == "clip_tensor_norm_")
+    tu = types.ModuleType("fedlib.utils.torch_utils")
+    tu.__dict__.update(torch=torch, inf=torch.inf, _tensor_or_tensors=object)
+    exec(compile(ast.Module([fn], []), str(root / "utils" / "torch_utils.py"), "exec"), tu.__dict__)
+    utils = types.ModuleType("fedlib.utils")
+    utils.__path__ = []
+    utils.torch_utils = tu
+    sys.modules["fedlib.utils"] = utils
+    sys.modules["fedlib.utils.torch_utils"] = tu
+    sg = importlib.import_module("fedlib.aggregators.signguard")
+    for seed, n, d, flip, tiny, huge, zeros in [
+        (31, 10, 60, 3, 0, 0, 0),
+        (32, 11, 40, 2, 1, 1, 0),
+        (33, 9, 30, 0, 1, 2, 5),
+        (34, 12, 80, 5, 0, 1, 10),
+    ]:
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(n, d)) + 1.0
+        x[:flip] = -x[:flip]
+        x[flip:flip + tiny] *= 0.01  # below 0.1 x the median norm
+        x[flip + tiny:flip + tiny + huge] *= 50.0  # clipped
+        if zeros:
+            x[:, :zeros] = 0.0
+        x = x.astype(np.float32).astype(np.float64)
+        out = sg.Signguard()([torch.tensor(r, dtype=torch.float32) for r in x]).double().numpy()
+        cases.append(dict(rule="signguard", peer="fedlib", call="Signguard()", params={}, f=0,
+                          x=x.tolist(), out=out.tolist()))
+
     # Blades v0.1.0 FLTrust, with a stand-in for blades.client.
     blades_pkg = types.ModuleType("blades")
     blades_pkg.__path__ = []
@@ -148,8 +195,11 @@ def main() -> None:
         cases.append(dict(rule="fltrust", peer="blades", call="Fltrust()", params={}, f=0,
                           x=x.tolist(), reference=ref.tolist(), out=out.tolist()))
 
+    import sklearn
+
     OUT.write_text(json.dumps({"peers": PEERS, "torch": torch.__version__,
-                               "numpy": np.__version__, "cases": cases}, indent=1) + "\n")
+                               "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+                               "cases": cases}, indent=1) + "\n")
     print(f"wrote {len(cases)} cases to {OUT}")
 
 
