@@ -232,8 +232,14 @@ def config_columns(df: pd.DataFrame) -> list[str]:
     from jbyz.config import FIELDS
 
     prefixes = tuple(f"{p}." for p in KWARGS_FIELDS.values())
+    def varies(col):
+        try:
+            return df[col].nunique(dropna=False) > 1
+        except TypeError:  # unhashable cells (a table not yet through tidy)
+            return df[col].astype(str).nunique(dropna=False) > 1
+
     cols = [c for c in df.columns if (c in FIELDS or c.startswith(prefixes)) and c != "seed"
-            and df[c].astype(str).nunique(dropna=False) > 1]
+            and varies(c)]
 
     def all_scalar(field):
         def one(v):
