@@ -138,7 +138,10 @@ def test_augment_option_runs_and_keeps_old_run_ids():
     import json
 
     d = cfg.to_dict()
-    del d["augment"], d["curvature_window"], d["momentum_first"]
+    from jbyz.config import _HASH_OMIT_AT_DEFAULT
+
+    for k in _HASH_OMIT_AT_DEFAULT:  # augment, curvature_window, ...: all at their defaults here
+        del d[k]
     d["attack_kwargs"] = {"z": 1.5}  # ALIE's z enters the id (its default changed in 0.1)
     assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert RunConfig(**base, augment="flip").config_hash() != cfg.config_hash()
