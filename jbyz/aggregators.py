@@ -613,8 +613,8 @@ def bulyan(
     selection ``S``, ``theta = n - 2f`` times. Then per coordinate, average the
     ``beta = theta - 2f`` values of ``S`` closest to the coordinate-wise median of ``S``.
 
-    ``variant="multikrum"`` (the ByzantineMomentum code of El Mhamdi et al.): rank the inputs once by
-    Multi-Krum score (Euclidean distances, ``n - f - 2`` neighbours); the ``i``-th selected
+    ``variant="multikrum"`` (the ByzantineMomentum code of El Mhamdi et al.): rank the inputs once
+    by Multi-Krum score (Euclidean distances, ``n - f - 2`` neighbours); the ``i``-th selected
     vector (``i < n - 2f - 2``) is the average of the inputs ranked ``i .. n - f - 3`` (the code's
     score update after each pick is a no-op); then per coordinate, average the ``n - 4f - 2``
     selected values closest to their lower median (``torch.median``).
