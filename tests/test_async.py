@@ -1,4 +1,4 @@
-"""Asynchronous SGD simulator: OrMo's order invariance (spec §5(c)) against a numpy replay,
+"""Asynchronous SGD simulator: OrMo's order invariance (our reconstruction) against a numpy replay,
 zero-delay equivalence with SSGDm against an independent loop, event order against a plain
 Python priority-queue simulation, and the baselines' update rules against numpy."""
 
@@ -134,7 +134,7 @@ def test_baseline_rules_against_numpy():
         u = beta * u + lr * gs[i * K:(i + 1) * K].sum(0)
         w = w - u
     np.testing.assert_allclose(outs["ssgdm", "advanced"][0], w, rtol=1e-5, atol=1e-7)
-    # SMEGA2 (spec §5(d), from its code)
+    # SMEGA2 (from its code, Cohen et al. 2022)
     for est in ("advanced", "naive"):
         w, m, b, c = np.zeros(d), np.zeros(d), np.zeros(d), 0
         sent = []

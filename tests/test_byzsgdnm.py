@@ -39,7 +39,7 @@ def _np_nnm(x, f):
 
 
 def _np_reference(grads, w0, lrs, *, normalize, nnm=False, flip_scale=None, f_real=0):
-    """The update of spec §1(a), step by step, in float64."""
+    """The update of Yang et al.'s Algorithm 1, step by step, in float64."""
     w = w0.astype(np.float64).copy()
     u = None
     out = []

@@ -1,7 +1,7 @@
 """dSTAR's filter (jbyz/algorithms/dstar.py) against an independent numpy brute force.
 
 Every ensemble (E1/E2/E3), score (D1/D2), keep rule and normalisation is compared with a float64
-numpy implementation written from the spec (§3(b)) on random stacks with random first-k masks
+numpy implementation written from the reconstruction's definition on random stacks with random first-k masks
 (non-arrivals hold garbage), random ``f`` and a server reference. ``f`` and the mask are traced,
 so each option set compiles one program.
 """

@@ -34,7 +34,7 @@ def _np_grad(w, a, y):
 
 
 def _reference(cfg, params, key, a, y, idx, k_randk=None):
-    """The algorithm of the spec §2(a) in numpy (float64), with the draws of ``round_keys``."""
+    """Algorithm 1 of Malinovsky et al. in numpy (float64), with the draws of ``round_keys``."""
     a = a.astype(np.float64)
     y = y.astype(np.float64)
     lr, p, alpha, f_real = params.lr, params.p, params.alpha, params.f_real
