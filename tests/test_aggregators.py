@@ -1,8 +1,8 @@
 """Every aggregator and pre-aggregator against an independent brute-force numpy implementation.
 
 The references below are written from the papers' definitions (and, for the ``multikrum``
-variants, El Mhamdi et al.'s code) with plain loops,
-``itertools.combinations`` and float64, and share no code with the kernels. Each kernel is
+variants, El Mhamdi et al.'s code) with plain loops, ``itertools.combinations`` and float64, and
+share no code with the kernels. Each kernel is
 jitted once per configuration and then called for many ``(valid mask, f)`` pairs (both traced).
 Invalid rows are filled with garbage (huge values and NaN) to check that they are ignored.
 """
