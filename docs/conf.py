@@ -45,5 +45,43 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     return skip
 
 
+# ``.. jbyz-registry:: jbyz.aggregators AGGREGATORS``: the registry's entries as a table (the
+# same name, description and reference that ``jbyz list`` prints), read at build time.
+from docutils import nodes  # noqa: E402
+from docutils.parsers.rst import Directive  # noqa: E402
+
+
+class RegistryTable(Directive):
+    required_arguments = 2  # module, registry attribute
+
+    def run(self):
+        import importlib
+
+        registry = getattr(importlib.import_module(self.arguments[0]), self.arguments[1])
+        table = nodes.table()
+        group = nodes.tgroup(cols=3)
+        table += group
+        for width in (20, 50, 40):
+            group += nodes.colspec(colwidth=width)
+
+        def row(cells, header=False):
+            r = nodes.row()
+            for i, text in enumerate(cells):
+                para = nodes.paragraph()
+                para += nodes.literal(text=text) if (i == 0 and not header) else nodes.Text(text)
+                r += nodes.entry("", para)
+            return r
+
+        head = nodes.thead()
+        head += row(["name", "description", "reference"], header=True)
+        body = nodes.tbody()
+        for name, description, reference in registry.describe():
+            body += row([name, description, reference])
+        group += head
+        group += body
+        return [table]
+
+
 def setup(app):
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+    app.add_directive("jbyz-registry", RegistryTable)

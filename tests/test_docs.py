@@ -64,3 +64,15 @@ def test_ci_builds_the_docs_with_warnings_as_errors():
     for package, extension in (("sphinx", "sphinx.ext.autodoc"), ("myst-parser", "myst_parser"),
                                ("furo", '"furo"')):
         assert f'"{package}>=' in extra.group(1) and extension in conf
+
+
+def test_components_page_lists_every_registry():
+    page = (ROOT / "docs" / "components.md").read_text()
+    listed = set(re.findall(r"^```\{jbyz-registry\} ([\w.]+) (\w+)", page, re.M))
+    defined = set()
+    for path in (ROOT / "jbyz").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for name in re.findall(r"^(\w+) = Registry\(", path.read_text(), re.M):
+            defined.add((module, name))
+    assert len(defined) >= 7 and defined <= listed, (
+        f"registries missing from docs/components.md: {sorted(defined - listed)}")
