@@ -104,6 +104,7 @@ class RunConfig:
         :math:`\\theta_t - \\eta_t \\mu m^{(i)}_{t-1}` when momentum is at the workers (which
         then send :math:`m^{(i)}_t`), or :math:`\\theta_t - \\eta_t \\mu M_{t-1}` for every
         worker when it is at the server (update :math:`\\theta_{t+1} = \\theta_t - \\eta_t M_t`).
+        Ignored when ``nesterov=false``.
       clip_per_worker: honest workers clip their gradient to this L2 norm before momentum.
       clip_form: ``radius`` (default): :math:`g \\min(1, c/\\|g\\|)`; ``unit``: a gradient longer
         than ``c`` is rescaled to norm 1 (El Mhamdi et al.'s ICLR 2021 code snapshot, corrected
@@ -379,11 +380,11 @@ def validate(cfg: RunConfig) -> list[str]:
                       f"split='shared', got split={cfg.split!r}; use sampling='replacement'")
     if cfg.clip_form != "radius" and cfg.clip_per_worker is None:
         errors.append(f"clip_form={cfg.clip_form!r} needs clip_per_worker (the clipping threshold c)")
-    if cfg.nesterov_form != "pytorch" and not (cfg.nesterov and cfg.momentum_at in ("worker", "server")
-                                               and cfg.momentum > 0):
-        errors.append(f"nesterov_form={cfg.nesterov_form!r} needs nesterov=true and momentum > 0 at "
-                      f"the workers or the server (got nesterov={cfg.nesterov}, "
-                      f"momentum_at={cfg.momentum_at!r}, momentum={cfg.momentum})")
+    if cfg.nesterov_form != "pytorch" and cfg.nesterov and not (
+            cfg.momentum_at in ("worker", "server") and cfg.momentum > 0):
+        errors.append(f"nesterov_form={cfg.nesterov_form!r} with nesterov=true needs momentum > 0 "
+                      f"at the workers or the server (got momentum_at={cfg.momentum_at!r}, "
+                      f"momentum={cfg.momentum})")
     if cfg.nesterov_form == "lookahead" and cfg.normalize:
         errors.append("nesterov_form='lookahead' with normalize=true is not defined (the look-ahead "
                       "point uses the un-normalised server momentum); use nesterov_form='pytorch'")

@@ -127,8 +127,10 @@ def test_option_errors_name_what_is_valid():
     errs = validate(_tiny(sampling="epoch_stream", split="iid"))
     assert any("sampling='epoch_stream' (one shuffled stream shared by all workers) needs "
                "split='shared', got split='iid'" in e for e in errs)
-    errs = validate(_tiny(nesterov_form="lookahead"))
-    assert any("nesterov_form='lookahead' needs nesterov=true" in e for e in errs)
+    assert validate(_tiny(nesterov_form="lookahead")) == []  # ignored without Nesterov
+    errs = validate(_tiny(nesterov_form="lookahead", nesterov=True, momentum_at="none"))
+    assert any("nesterov_form='lookahead' with nesterov=true needs momentum > 0 at the workers or "
+               "the server (got momentum_at='none', momentum=0.9)" in e for e in errs)
     errs = validate(_tiny(clip_form="unit"))
     assert any("clip_form='unit' needs clip_per_worker" in e for e in errs)
     errs = validate(_tiny(sampling="stream"))

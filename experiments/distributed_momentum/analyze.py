@@ -1,136 +1,312 @@
-"""The paper's headline statistics, computed the paper's way, from the grid's results.
+"""Every table and figure of the distributed-momentum reproduction, from the stored grid parts.
 
-    python experiments/distributed_momentum/analyze.py [experiments/distributed_momentum/results/grid]
+    python experiments/distributed_momentum/analyze.py
 
-Per run the metric is the highest observed test accuracy (every evaluation of the run). For an
-attacked configuration and seed, with ``ref`` the max accuracy of the matching unattacked run
-(same dataset, f, lr, Nesterov and seed; n - f honest workers averaging):
+reads ``results/grid`` (the authors' setting, ``grid.toml``), ``results/baseline`` (jbyz's first
+run, ``baseline.toml``) and ``results/ablation`` (``ablation.toml``), whatever part of them has
+run, and writes into ``results/``:
 
-* ``loss = ref - acc_update`` (the attack's cost with momentum at the server, "at update");
-* ``gain = acc_worker - acc_update`` (what moving momentum to the workers recovers).
+* ``headline.csv``: the authors' counters (their ``reproduce.py``), per subset, with numerator
+  and denominator, beside the paper's numbers with theirs;
+* ``vnr_within_f<f>_nesterov_<bool>.png``: the paper's variance-norm figures, rebuilt: within the
+  runs with momentum at the workers, the ratio of the honest workers' *sampled* gradients against
+  that of the vectors they *submit* (their momenta), per step, mean +- std over seeds, one panel
+  per (GAR, attack, lr); ``vnr_cells.csv`` the same as numbers;
+* ``vnr_bound.csv``: per run with a GAR whose bound is known (Krum, Median, Bulyan), the share of
+  steps whose submitted ratio is below the bound while the loss is not above its initial value;
+* ``vnr_cross_run.png``: the submitted ratio at update vs at the workers, across runs (the
+  comparison of the authors' earlier preprint, NOT the ICLR paper's; see its caption);
+* ``ablation.csv``: each deviation from the authors' setting switched back alone, on the
+  ablation slice, and how the headline numbers and the within-run ratio move;
+* ``boxplot.png``, ``cells.csv``, ``pairs.csv``, ``runs.csv``.
 
-Writes ``results/runs.csv`` (one row per run), ``results/headline.csv``, ``results/pairs.csv``,
-``results/cells.csv`` (per GAR x attack x f), ``results/per_seed.csv`` and ``results/boxplot.png``
-in this folder, and prints the statistics beside the paper's
-(spec §4(c)).
+Definitions (as the authors' ``reproduce.py``): a run's metric is its highest observed test
+accuracy. For every run with momentum at the workers, ``ats`` is the same configuration and seed
+with momentum at update (the server) and ``ref`` the unattacked run (n - f honest workers
+averaging, same dataset, lr, Nesterov and seed); ``loss = ref - ats``, ``gain = atw - ats``. All
+thresholds are strict: the attack is "effective at X" when ``loss > X``; "gain above X" counts
+``gain > X`` among the pairs effective at X; "performance loss > X" counts ``gain < -X``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from jbyz import results
-from jbyz.plots import _mpl, per_run
+from jbyz.aggregators import variance_norm_bound
+from jbyz.plots import per_run
 
-PAPER = {
-    "attack costs >= 20 points (FC)": "25.80 %",
-    "attack costs >= 20 points (CNN)": "70.80 %",
-    "worker momentum worse than server (pairs)": "4 pairs (0.23 %), all FC / Krum / FoE",
-    "CNN f ~ n/2: worker recovers >= 10 / >= 20 points": "79.75 % / 49.25 %",
-    "CNN f ~ n/4: worker recovers >= 20 points, where the attack costs >= 20": "95.07 %",
-}
-CONFIG = ["dataset", "model", "f_real", "lr", "nesterov", "aggregator", "attack", "seed"]
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+KEY = ["dataset", "f_real", "lr", "nesterov", "gar", "attack_name", "seed"]
+
+# The paper's numbers as the authors' reproduce.py computes them: (share, numerator, denominator,
+# subset). The subsets pool datasets by a substring of the run name: "mnist" matches MNIST and
+# Fashion-MNIST (880 pairs), "cifar" CIFAR-10 and -100, "f_11" / "f_5" the CIFAR f values.
+PAPER = [
+    ("attack effective at 20% (loss > 0.2)", "MNIST + Fashion-MNIST (FC)", 0.2580, 227, 880, None),
+    ("attack effective at 20% (loss > 0.2)", "CIFAR-10 + CIFAR-100 (CNN)", 0.7080, 623, 880, None),
+    ("worker momentum worse (gain < 0)", "all four datasets", 0.0023, 4, 1760, None),
+    ("worker momentum worse (gain < 0)", "MNIST + Fashion-MNIST (FC; all 4 pairs were FC)",
+     4 / 880, 4, 880, None),
+    ("gain above 10% where effective at 10%", "CIFAR, f = 11 (f ~ n/2, CNN)", 0.7975, None, None, 24),
+    ("gain above 20% where effective at 20%", "CIFAR, f = 11 (f ~ n/2, CNN)", 0.4925, None, None, 24),
+    ("attack effective at 20% (loss > 0.2)", "CIFAR, f = 5 (f ~ n/4, CNN)", 0.4646, None, None, 12),
+    ("gain above 20% where effective at 20%", "CIFAR, f = 5 (f ~ n/4, CNN)", 0.9507, None, None, 12),
+]
 
 
-def pairs_table(df: pd.DataFrame) -> pd.DataFrame:
+# ------------------------------------------------------------------------------ loading
+
+
+def _name(spec, kwargs) -> str:
+    kw = json.loads(kwargs) if isinstance(kwargs, str) and kwargs else (kwargs or {})
+    if spec == "multi_krum" and kw.get("neighbours") == "code" and kw.get("distance") == "euclidean":
+        return "Krum (code)"
+    if spec == "bulyan" and kw.get("variant") == "multikrum":
+        return "Bulyan (code)"
+    return {"krum": "Krum (paper)", "bulyan": "Bulyan (paper)", "trimmed_mean": "Trimmed mean",
+            "meamed": "MeaMed", "phocas": "Phocas", "median": "Median", "mean": "Average"}.get(
+        spec, spec)
+
+
+def _steps(g: pd.DataFrame, col: str) -> np.ndarray:
+    """A run's per-step series: the ``<col>`` lists of its evaluation rows, in step order."""
+    vals = [v for v in g.sort_values("step")[col] if isinstance(v, (list, np.ndarray))]
+    return np.concatenate(vals).astype(float) if vals else np.array([])
+
+
+def load_runs(folder: Path, setting: str) -> pd.DataFrame:
+    """One row per run: the configuration, ``best`` accuracy and the per-step series."""
+    if not folder.exists() or not (any(folder.glob("parts/*.parquet"))
+                                   or (folder / "results.parquet").exists()):
+        return pd.DataFrame()
+    df = results.load_results(folder)
     runs = per_run(df)
-    runs["attack"] = runs["attack"].astype(str)
-    att = runs[runs["attack"] != "none"]
-    ref = runs[runs["attack"] == "none"].copy()
-    # the unattacked reference of f has n - f honest workers
+    runs["setting"] = setting
+    runs["gar"] = [_name(a, k) for a, k in zip(runs["aggregator"], runs["aggregator_kwargs"])]
+    runs["attack_name"] = results.component_name(runs["attack"].astype(str)).str.upper().replace(
+        {"NONE": "none"})
+    for col in ("vnr_sampled_steps", "vnr_submitted_steps", "train_loss_steps"):
+        if col in df:
+            series = {rid: _steps(g, col) for rid, g in df[["run_id", "step", col]].groupby("run_id")}
+            runs[col] = runs["run_id"].map(series)
+    if "variance_norm_ratio" in df:  # jbyz's first definition: sqrt, over h, chunk means
+        runs["vnr_old"] = runs["run_id"].map(df[df["step"] > 0].groupby("run_id")[
+            "variance_norm_ratio"].mean())
+    for col, default in (("nesterov_form", "pytorch"), ("sampling", "replacement")):
+        if col not in runs:
+            runs[col] = default
+    return runs
+
+
+# ------------------------------------------------------------------------------ pairs, counters
+
+
+def pairs_table(runs: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The authors' pairs: every at-worker run with its at-update twin and its reference."""
+    att = runs[runs["attack_name"] != "none"]
+    ref_src = runs if refs is None else refs
+    ref = ref_src[ref_src["attack_name"] == "none"].copy()
     n_full = att.groupby("dataset")["n_workers"].max()
-    ref["f_real"] = ref["dataset"].map(n_full).astype(float) - ref["n_workers"].astype(float)
-    ref["f_real"] = ref["f_real"].astype("Int64")
+    ref["f_real"] = (ref["dataset"].map(n_full) - ref["n_workers"]).astype("Int64")
+    ref = ref.drop_duplicates(["dataset", "f_real", "lr", "nesterov", "seed"])
     ref = ref.set_index(["dataset", "f_real", "lr", "nesterov", "seed"])["best"].rename("ref")
-    up = att[att["momentum_at"] == "server"].set_index(CONFIG)["best"].rename("acc_update")
-    wk = att[att["momentum_at"] == "worker"].set_index(CONFIG)["best"].rename("acc_worker")
+    up = att[att["momentum_at"] == "server"].set_index(KEY)["best"].rename("ats")
+    wk = att[att["momentum_at"] == "worker"].set_index(KEY)["best"].rename("atw")
     p = pd.concat([up, wk], axis=1, join="inner").reset_index()
+    p["f_real"] = p["f_real"].astype("Int64")
     p = p.join(ref, on=["dataset", "f_real", "lr", "nesterov", "seed"])
-    p["loss"] = p["ref"] - p["acc_update"]
-    p["gain"] = p["acc_worker"] - p["acc_update"]
-    p["family"] = np.where(p["model"].isin(["mlp"]), "FC", "CNN")
-    n_by_ds = runs.groupby("dataset")["n_workers"].max()
-    p["f_regime"] = np.where(p["f_real"] >= (p["dataset"].map(n_by_ds) - 3) // 2, "f ~ n/2", "f ~ n/4")
+    p = p[p["ref"].notna()].copy()
+    p["loss"] = p["ref"] - p["ats"]
+    p["gain"] = p["atw"] - p["ats"]
     return p
 
 
-def _costly(g: pd.DataFrame) -> pd.Series:
-    """Pairs where the attack costs >= 20 points at update."""
-    return g["loss"] >= 0.2
-
-
-def _recovers(g: pd.DataFrame, points: float) -> float:
-    """Share of the pairs where the attack costs >= 20 points that worker momentum lifts by
-    >= ``points`` (NaN when there are none)."""
-    hurt = g[_costly(g)]
-    return (hurt["gain"] >= points).mean() if len(hurt) else np.nan
+def counters(p: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """The authors' counters, each as (numerator, denominator)."""
+    out, total = {}, len(p)
+    for x in (0.1, 0.2, 0.4):
+        eff = p["loss"] > x
+        out[f"attack effective at {x:.0%} (loss > {x})"] = (int(eff.sum()), total)
+        out[f"gain above {x:.0%} where effective at {x:.0%}"] = (
+            int((p.loc[eff, "gain"] > x).sum()), int(eff.sum()))
+    for x in (0.0, 0.02, 0.05):
+        out[f"worker momentum worse (gain < {-x:g})" if x else "worker momentum worse (gain < 0)"] = (
+            int((p["gain"] < -x).sum()), total)
+    for x in (0.05, 0.1):
+        out[f"worse and more than {x:.0%} under the reference"] = (
+            int(((p["gain"] < 0) & (p["ref"] - p["atw"] > x)).sum()), total)
+    out["worker momentum raises the max accuracy where effective at 20 %"] = (
+        int((p.loc[p["loss"] > 0.2, "gain"] > 0).sum()), int((p["loss"] > 0.2).sum()))
+    return out
 
 
 def headline(p: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for fam, g in p.groupby("family"):
-        g = g[g["ref"].notna()]  # pairs whose unattacked reference has run
-        rows += [
-            (fam, "all", "pairs (attacked config x seed)", len(g)),
-            (fam, "all", "attack costs >= 20 points at update (share of pairs)", _costly(g).mean()),
-            (fam, "all", "worker momentum worse than update (pairs)", int((g["gain"] < 0).sum())),
-            (fam, "all", "worker momentum worse than update (share)", (g["gain"] < 0).mean()),
-            (fam, "all", "worker recovers >= 10 points where attack costs >= 20", _recovers(g, 0.1)),
-            (fam, "all", "worker recovers >= 20 points where attack costs >= 20", _recovers(g, 0.2)),
-        ]
-        for reg, h in g.groupby("f_regime"):
-            rows += [
-                (fam, reg, "attack costs >= 20 points at update", _costly(h).mean()),
-                (fam, reg, "worker recovers >= 10 points where attack costs >= 20", _recovers(h, 0.1)),
-                (fam, reg, "worker recovers >= 20 points where attack costs >= 20", _recovers(h, 0.2)),
-            ]
-    return pd.DataFrame(rows, columns=["family", "f", "statistic", "value"])
-
-
-def cells_table(p: pd.DataFrame) -> pd.DataFrame:
-    """Per (GAR, attack, f) cell, over its pairs (2 lr x 2 Nesterov x seeds): mean loss, mean
-    gain, the pairs where worker momentum is worse, and the pairs."""
-    g = p[p["ref"].notna()].copy()
-    g["attack_name"] = results.component_name(g["attack"])
-    out = g.groupby(["f_real", "aggregator", "attack_name"]).agg(
-        loss=("loss", "mean"), gain=("gain", "mean"), worse=("gain", lambda v: int((v < 0).sum())),
-        pairs=("gain", "size")).reset_index()
-    return out.sort_values(["f_real", "aggregator", "attack_name"], ascending=[False, True, True])
-
-
-def per_seed(p: pd.DataFrame) -> pd.DataFrame:
-    """The headline statistics seed by seed (FC pairs with a reference)."""
-    rows = []
-    for seed, g in p[p["ref"].notna()].groupby("seed"):
-        rows.append(dict(seed=seed, pairs=len(g), attack_costs_20=_costly(g).mean(),
-                         worse=int((g["gain"] < 0).sum()), recovers_10=_recovers(g, 0.1),
-                         recovers_20=_recovers(g, 0.2)))
+    subsets = [("all pairs", p)]
+    for ds, g in p.groupby("dataset"):
+        subsets.append((f"{ds}", g))
+        for f, h in g.groupby("f_real"):
+            subsets.append((f"{ds}, f = {f}", h))
+    for name, g in subsets:
+        for stat, (k, n) in counters(g).items():
+            rows.append(dict(subset=name, statistic=stat, k=k, N=n, share=k / n if n else np.nan))
     return pd.DataFrame(rows)
 
 
-def boxplot(df: pd.DataFrame, path: Path) -> None:
+def _fmt(k, n):
+    return f"{k}/{n} ({k / n:.2%})" if n else f"{k}/0"
+
+
+# ------------------------------------------------------------------------------ ratios
+
+
+def within_run_cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per at-worker cell: the mean over steps and seeds of the sampled and submitted ratios."""
+    w = runs[(runs["momentum_at"] == "worker") & (runs["attack_name"] != "none")]
+    w = w[w["vnr_submitted_steps"].map(lambda a: isinstance(a, np.ndarray) and a.size > 0)]
+    rows = []
+    for key, g in w.groupby(["dataset", "f_real", "nesterov", "gar", "attack_name", "lr"]):
+        s = np.stack(g["vnr_sampled_steps"].to_list())
+        m = np.stack(g["vnr_submitted_steps"].to_list())
+        rows.append(dict(zip(["dataset", "f_real", "nesterov", "gar", "attack", "lr"], key),
+                         seeds=len(g), sampled=np.nanmean(s), submitted=np.nanmean(m),
+                         submitted_over_sampled=np.nanmean(m) / np.nanmean(s),
+                         steps_submitted_below_sampled=float(np.nanmean(m < s))))
+    return pd.DataFrame(rows)
+
+
+def bound_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run whose GAR has a bound: the share of steps with submitted ratio < bound^2 and the
+    loss not above its initial value (the authors' reproduce.py; their n counts every worker)."""
+    rows = []
+    att = runs[runs["attack_name"] != "none"]
+    for _, r in att.iterrows():
+        rule = {"Krum (code)": "krum", "Krum (paper)": "krum", "Median": "median",
+                "Bulyan (code)": "bulyan", "Bulyan (paper)": "bulyan"}.get(r["gar"])
+        sub, loss = r.get("vnr_submitted_steps"), r.get("train_loss_steps")
+        if rule is None or not isinstance(sub, np.ndarray) or sub.size == 0:
+            continue
+        kappa = variance_norm_bound(rule, r["n_workers"], r["f_real"])
+        ok = (sub < kappa ** 2) & (loss <= loss[0])
+        rows.append(dict(dataset=r["dataset"], f_real=r["f_real"], lr=r["lr"],
+                         nesterov=r["nesterov"], momentum_at=r["momentum_at"], gar=r["gar"],
+                         attack=r["attack_name"], seed=r["seed"], bound=kappa,
+                         steps_valid=int(ok.sum()), steps=len(ok), share=ok.mean()))
+    return pd.DataFrame(rows)
+
+
+def vnr_figures(runs: pd.DataFrame, dest: Path) -> list[Path]:
+    """The paper's figure, rebuilt: sampled vs submitted ratio within the at-worker runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a script: no display needed
+    import matplotlib.pyplot as plt
+
+    w = runs[(runs["momentum_at"] == "worker") & (runs["attack_name"] != "none")]
+    w = w[w["vnr_submitted_steps"].map(lambda a: isinstance(a, np.ndarray) and a.size > 0)]
+    paths = []
+    for (ds, f, nest), g in w.groupby(["dataset", "f_real", "nesterov"]):
+        gars = list(dict.fromkeys(g.sort_values("gar")["gar"]))
+        cols = sorted(g.groupby(["attack_name", "lr"]).size().index.tolist())
+        fig, axes = plt.subplots(len(gars), len(cols), figsize=(3.0 * len(cols), 1.9 * len(gars)),
+                                 sharex=True, squeeze=False, constrained_layout=True)
+        for i, gar in enumerate(gars):
+            for j, (atk, lr) in enumerate(cols):
+                ax = axes[i][j]
+                c = g[(g["gar"] == gar) & (g["attack_name"] == atk) & (g["lr"] == lr)]
+                for col, label, color in (("vnr_sampled_steps", "sampled", "tab:orange"),
+                                          ("vnr_submitted_steps", "submitted", "tab:blue")):
+                    if not len(c):
+                        continue
+                    a = np.stack(c[col].to_list())
+                    mu, sd = np.nanmean(a, 0), np.nanstd(a, 0)
+                    t = np.arange(a.shape[1])
+                    ax.plot(t, mu, color=color, lw=1, label=label)
+                    ax.fill_between(t, np.maximum(mu - sd, 1e-6), mu + sd, color=color, alpha=0.2)
+                rule = {"Krum (code)": "krum", "Median": "median", "Bulyan (code)": "bulyan",
+                        "Krum (paper)": "krum", "Bulyan (paper)": "bulyan"}.get(gar)
+                if rule:
+                    kappa = variance_norm_bound(rule, int(c["n_workers"].max()) if len(c) else 51, f)
+                    ax.axhline(kappa ** 2, color="k", ls=":", lw=0.8, label="GAR bound$^2$")
+                ax.set_yscale("log")
+                ax.grid(alpha=0.3)
+                if i == 0:
+                    ax.set_title(f"{atk}, lr {lr:g}", fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"{gar}\nratio", fontsize=8)
+                if i == len(gars) - 1:
+                    ax.set_xlabel("step", fontsize=8)
+                ax.tick_params(labelsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+        fig.suptitle(f"{ds}, f = {f}, Nesterov {'on' if nest else 'off'}: variance-norm ratio of "
+                     "the honest workers' sampled gradients vs their submitted momenta\n"
+                     f"(momentum at the workers; mean +- std over seeds)", fontsize=9)
+        path = dest / f"vnr_within_f{f}_nesterov_{str(bool(nest)).lower()}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def cross_run_figure(runs: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Submitted ratio at update vs at the workers across runs (the preprint's comparison)."""
+    import matplotlib.pyplot as plt
+
+    a = runs[(runs["attack_name"] != "none")
+             & runs["vnr_submitted_steps"].map(lambda v: isinstance(v, np.ndarray) and v.size > 0)]
+    if a.empty:
+        return pd.DataFrame()
+    a = a.assign(mean_submitted=a["vnr_submitted_steps"].map(np.nanmean))
+    tab = a.groupby(["lr", "momentum_at"])["mean_submitted"].median().unstack()
+    fig, ax = plt.subplots(figsize=(4.6, 3.2), constrained_layout=True)
+    for where, color in (("server", "tab:orange"), ("worker", "tab:blue")):
+        v = [a[(a["lr"] == lr) & (a["momentum_at"] == where)]["mean_submitted"] for lr in tab.index]
+        pos = np.arange(len(tab.index)) * 3 + (0 if where == "server" else 1)
+        bp = ax.boxplot(v, positions=pos, widths=0.8, patch_artist=True, showfliers=False)
+        for b in bp["boxes"]:
+            b.set_facecolor(color)
+            b.set_alpha(0.6)
+    ax.set_xticks(np.arange(len(tab.index)) * 3 + 0.5, [f"lr {lr:g}" for lr in tab.index])
+    ax.set_yscale("log")
+    ax.set_ylabel("run mean of the submitted ratio")
+    ax.set_title("Across runs: at update (orange) vs at the workers (blue).\nNot the paper's "
+                 "comparison: different runs, different trajectories", fontsize=8)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return tab
+
+
+def boxplot(runs: pd.DataFrame, path: Path) -> None:
     """Max accuracy per GAR, at update vs at the workers, one panel per (dataset, attack, f)."""
-    plt = _mpl()
-    runs = per_run(df)
-    runs["attack"] = runs["attack"].astype(str)
-    att = runs[runs["attack"] != "none"]
-    ref = runs[runs["attack"] == "none"]
-    panels = att.groupby(["dataset", "attack", "f_real"]).size().index.tolist()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), sharey=True, squeeze=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    att = runs[runs["attack_name"] != "none"]
+    ref = runs[runs["attack_name"] == "none"]
+    panels = att.groupby(["dataset", "attack_name", "f_real"]).size().index.tolist()
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.8), sharey=True,
+                             squeeze=False, constrained_layout=True)
     for ax, (ds, atk, f) in zip(axes[0], panels):
-        sub = att[(att.dataset == ds) & (att.attack == atk) & (att.f_real == f)]
-        gars = list(dict.fromkeys(sub["aggregator"]))
+        sub = att[(att.dataset == ds) & (att.attack_name == atk) & (att.f_real == f)]
+        gars = list(dict.fromkeys(sub["gar"]))
         data, pos, colors = [], [], []
         for i, g in enumerate(gars):
             for j, (where, c) in enumerate((("server", "tab:orange"), ("worker", "tab:blue"))):
-                data.append(sub[(sub.aggregator == g) & (sub.momentum_at == where)]["best"].to_numpy())
+                data.append(sub[(sub.gar == g) & (sub.momentum_at == where)]["best"].to_numpy())
                 pos.append(i * 3 + j)
                 colors.append(c)
-        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showfliers=True)
+        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True)
         for patch, c in zip(bp["boxes"], colors):
             patch.set_facecolor(c)
             patch.set_alpha(0.6)
@@ -138,68 +314,165 @@ def boxplot(df: pd.DataFrame, path: Path) -> None:
         r = ref[(ref.dataset == ds) & (ref.n_workers == n_full - f)]["best"]
         if len(r):
             ax.axhline(r.median(), color="k", ls="--", lw=0.8)
-        ax.set_xticks([i * 3 + 0.5 for i in range(len(gars))], gars, rotation=40, ha="right", fontsize=8)
-        ax.set_title(f"{ds}\n{atk.split(chr(34))[3] if atk.startswith('{') else atk}, f = {f}", fontsize=9)
+        ax.set_xticks([i * 3 + 0.5 for i in range(len(gars))], gars, rotation=40, ha="right",
+                      fontsize=8)
+        ax.set_title(f"{ds}\n{atk}, f = {f}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("max test accuracy")
-    from matplotlib.patches import Patch
-
-    # below the panels, so that it hides no box (Krum / FoE at update sits at ~0.13)
     fig.legend([Patch(color="tab:orange", alpha=0.6), Patch(color="tab:blue", alpha=0.6)],
                ["momentum at update (server)", "momentum at the workers"], fontsize=8,
-               loc="lower center", ncol=2)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+               loc="outside lower center", ncol=2)
     fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
-def runs_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: the grid's fields, ``best`` / ``final`` accuracy, mean variance-norm ratio."""
-    runs = per_run(df)
-    vnr = df[df["step"] > 0].groupby("run_id")["variance_norm_ratio"].mean().rename("mean_vnr")
-    runs = runs.join(vnr, on="run_id")
-    keep = ["run_id", "dataset", "model", "n_workers", "f_real", "lr", "nesterov", "momentum_at",
-            "aggregator", "attack", "seed", "best", "final", "mean_vnr", "wall_time_s"]
-    return runs[keep]
+# ------------------------------------------------------------------------------ ablation
 
 
-def main(folder="experiments/distributed_momentum/results/grid", dest=None):
-    folder = Path(folder)
-    dest = Path(dest) if dest else Path(__file__).resolve().parent / "results"
+def _slice(runs, nesterov=False, seeds=(1, 2, 3), f=24):
+    return runs[(runs["dataset"] == "fashion_mnist") & (runs["nesterov"] == nesterov)
+                & runs["seed"].isin(seeds)
+                & ((runs["f_real"] == f) | ((runs["f_real"] == 0) & (runs["n_workers"] == 51 - f)))]
+
+
+def ablation_table(authors: pd.DataFrame, baseline: pd.DataFrame, ablation: pd.DataFrame):
+    """Headline numbers on the ablation slice, per setting (one deviation switched back)."""
+    from make_grid import ABLATIONS  # noqa: E402  (this folder)
+
+    settings = [("authors' setting (grid.toml)", _slice(authors), None),
+                ("jbyz's first run (baseline.toml)", _slice(baseline), None)]
+    for key, (what, over, gar_list) in ABLATIONS.items():
+        if ablation.empty:
+            break
+        nest = key == "pytorch_nesterov"
+        sub = ablation[ablation["setting"].str.startswith("ablation")]
+        sub = _slice(sub, nesterov=nest)
+        sub = sub[_matches(sub, over, gar_list)]
+        refs = _slice(authors) if gar_list else None
+        if nest:
+            settings.append(("authors' setting, Nesterov on", _slice(authors, nesterov=True), None))
+        settings.append((f"switched back: {what}", sub, refs))
+    rows = []
+    for name, runs, refs in settings:
+        p = pairs_table(runs, refs) if len(runs) else pd.DataFrame()
+        row = dict(setting=name, runs=len(runs), pairs=len(p))
+        if len(p):
+            c = counters(p)
+            for label, key in (("effective_20", "attack effective at 20% (loss > 0.2)"),
+                               ("worse", "worker momentum worse (gain < 0)"),
+                               ("gain_above_10", "gain above 10% where effective at 10%"),
+                               ("gain_above_20", "gain above 20% where effective at 20%")):
+                k, n = c[key]
+                row[label] = _fmt(k, n)
+            row["mean_loss"] = p["loss"].mean()
+            row["mean_gain"] = p["gain"].mean()
+        cells = within_run_cells(runs) if "vnr_submitted_steps" in runs else pd.DataFrame()
+        row["within_run_submitted_over_sampled"] = (
+            cells["submitted_over_sampled"].median() if len(cells) else np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _matches(runs: pd.DataFrame, over: dict, gar_list) -> pd.Series:
+    """The runs of one ablation block (identified by the field it switches back)."""
+    ok = pd.Series(True, index=runs.index)
+    for field, value in over.items():
+        if field == "dataset_kwargs":
+            ok &= runs[field].astype(str).isin(["{}", ""])
+        elif field == "model_kwargs":
+            ok &= runs[field].astype(str).str.contains("lecun")
+        elif field == "nesterov":
+            continue
+        elif field in runs:
+            ok &= runs[field].astype(str).str.strip('"') == value.strip('"')
+        else:
+            ok &= False
+    if gar_list:
+        ok &= (runs["gar"] == "Krum (paper)") | (runs["attack_name"] == "none")
+    else:  # the other blocks run the code's Krum; and exclude the other ablations' fields
+        ok &= runs["gar"] != "Krum (paper)"
+    for field, default in (("sampling", "epoch_stream"), ("nesterov_form", "lookahead"),
+                           ("clip_form", "radius"), ("augment", "flip")):
+        if field not in over and field in runs:
+            ok &= runs[field].astype(str) == default
+    if "dataset_kwargs" not in over and "dataset_kwargs" in runs:
+        ok &= runs["dataset_kwargs"].astype(str).str.contains("normalize")
+    if "model_kwargs" not in over and "model_kwargs" in runs:
+        ok &= runs["model_kwargs"].astype(str).str.contains("torch")
+    return ok
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(dest: str | Path | None = None) -> None:
+    t0 = time.perf_counter()
+    dest = Path(dest) if dest else RESULTS
     dest.mkdir(parents=True, exist_ok=True)
-    df = results.load_results(folder)
-    runs = runs_table(df)
-    runs.to_csv(dest / "runs.csv", index=False)
-    p = pairs_table(df)
+    authors = load_runs(RESULTS / "grid", "authors")
+    baseline = load_runs(RESULTS / "baseline", "baseline")
+    ablation = load_runs(RESULTS / "ablation", "ablation")
+    print(f"runs: authors' setting {len(authors)}, baseline {len(baseline)}, ablation {len(ablation)}")
+    if authors.empty:
+        print("results/grid has no finished runs yet: run grid.toml first")
+        return
+    keep = [c for c in authors.columns if not c.endswith("_steps")]
+    authors[keep].to_csv(dest / "runs.csv", index=False)
+    p = pairs_table(authors)
     p.to_csv(dest / "pairs.csv", index=False)
     h = headline(p)
     h.to_csv(dest / "headline.csv", index=False)
-    cells = cells_table(p)
+    cells = p.groupby(["f_real", "gar", "attack_name"]).agg(
+        loss=("loss", "mean"), gain=("gain", "mean"), worse=("gain", lambda v: int((v < 0).sum())),
+        pairs=("gain", "size")).reset_index().sort_values(["f_real", "gar"], ascending=[False, True])
     cells.to_csv(dest / "cells.csv", index=False)
-    seeds = per_seed(p)
-    seeds.to_csv(dest / "per_seed.csv", index=False)
-    boxplot(df, dest / "boxplot.png")
-    print(f"{len(runs)} runs ({runs['seed'].nunique()} seed(s)); "
-          f"sum of per-run wall time (compilation excluded) {runs['wall_time_s'].sum() / 60:.1f} min")
-    with pd.option_context("display.width", 160, "display.max_colwidth", 80):
-        print(h.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print("\npaper:", *(f"  {k}: {v}" for k, v in PAPER.items()), sep="\n")
-    worse = p[p["gain"] < 0].sort_values("gain")
-    print(f"\npairs where worker momentum is worse: {len(worse)}")
-    print(worse[CONFIG + ["acc_update", "acc_worker", "gain"]].head(20).to_string(index=False))
-    print("\nper seed:\n" + seeds.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print("\nper cell (mean over its pairs):\n"
-          + cells.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    q = p[p["ref"].notna()]
-    print("\nattack costs >= 20 points, by lr:\n"
-          + q.groupby("lr")[["loss"]].apply(lambda v: _costly(v).mean()).to_string())
-    print("worker momentum better (gain > 0): "
-          f"{int((q['gain'] > 0).sum())} of {len(q)}; where the attack costs >= 20: "
-          f"{(q[_costly(q)]['gain'] > 0).mean():.4f}")
-    ref = runs[runs["attack"] == "none"]["best"]
-    print(f"unattacked references: {len(ref)} runs, max accuracy {ref.min():.4f}-{ref.max():.4f}, "
-          f"median {ref.median():.4f}")
-    lr_vnr = runs[runs["attack"] != "none"].groupby(["lr", "momentum_at"])["mean_vnr"].median()
-    print("\nmedian over runs of the mean variance-norm ratio:\n" + lr_vnr.to_string())
+
+    print(f"\n{len(p)} pairs with a reference (seeds {sorted(p['seed'].unique().tolist())})")
+    print("\nThe authors' counters (reproduce.py), ours beside the paper's:")
+    for stat, where, share, k, n, f in PAPER:
+        sub = p if f is None else p[p["f_real"] == f]
+        mine = _fmt(*counters(sub)[stat])
+        theirs = f"{k}/{n} ({share:.2%})" if k is not None else f"{share:.2%}"
+        scope = "Fashion-MNIST, FC" + ("" if f is None else f", f = {f}; the paper's figure is CNN")
+        print(f"  {stat}: ours {mine} ({scope}) | paper {theirs} on {where}")
+    print("\nAll counters, per subset:")
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        print(h.assign(share=h["share"].map("{:.2%}".format)).to_string(index=False))
+    print("\nPer cell (mean over its pairs):\n" + cells.to_string(index=False, float_format="{:.3f}".format))
+
+    wc = within_run_cells(authors)
+    wc.to_csv(dest / "vnr_cells.csv", index=False)
+    if len(wc):
+        print("\nWithin-run variance-norm ratio, momentum at the workers (mean over steps and seeds):")
+        print(f"  submitted / sampled: median {wc['submitted_over_sampled'].median():.3f} over "
+              f"{len(wc)} cells, below 1 in {int((wc['submitted_over_sampled'] < 1).sum())}; share "
+              f"of steps with submitted < sampled: median {wc['steps_submitted_below_sampled'].median():.3f}")
+        print("  by lr (median over cells):")
+        print(wc.groupby("lr")[["sampled", "submitted", "submitted_over_sampled"]].median()
+              .to_string(float_format="{:.4f}".format))
+        vnr_figures(authors, dest)
+    bt = bound_table(authors)
+    bt.to_csv(dest / "vnr_bound.csv", index=False)
+    if len(bt):
+        zero = int((bt["steps_valid"] == 0).sum())
+        print(f"\nSteps with the submitted ratio under the GAR's bound (and loss <= initial): runs "
+              f"never under it {zero}/{len(bt)}; largest share {bt['share'].max():.3f}; mean share "
+              "by momentum position:")
+        print(bt.groupby(["gar", "momentum_at"])["share"].mean().unstack().to_string(
+            float_format="{:.4f}".format))
+    tab = cross_run_figure(authors, dest / "vnr_cross_run.png")
+    if len(tab):
+        print("\nAcross runs (not the paper's comparison), median of the run-mean submitted ratio:")
+        print(tab.to_string(float_format="{:.4f}".format))
+    boxplot(authors, dest / "boxplot.png")
+
+    sys.path.insert(0, str(HERE))
+    ab = ablation_table(authors, baseline, ablation)
+    ab.to_csv(dest / "ablation.csv", index=False)
+    print("\nAblation (Fashion-MNIST, f = 24, seeds 1-3, Nesterov off unless stated):")
+    with pd.option_context("display.width", 250, "display.max_colwidth", 60):
+        print(ab.to_string(index=False, float_format="{:.3f}".format))
+    print(f"\n{time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
