@@ -413,8 +413,15 @@ def main(dest: str | Path | None = None) -> None:
     baseline = load_runs(RESULTS / "baseline", "baseline")
     ablation = load_runs(RESULTS / "ablation", "ablation")
     print(f"runs: authors' setting {len(authors)}, baseline {len(baseline)}, ablation {len(ablation)}")
+    if not baseline.empty:
+        pb = pairs_table(baseline)
+        print(f"\nBaseline (jbyz's first run, paper-text GARs; {len(pb)} pairs), the authors' counters:")
+        for stat, (k, n) in counters(pb).items():
+            print(f"  {stat}: {_fmt(k, n)}")
+        pd.DataFrame([dict(statistic=s_, k=k, N=n) for s_, (k, n) in counters(pb).items()]).to_csv(
+            dest / "baseline_counters.csv", index=False)
     if authors.empty:
-        print("results/grid has no finished runs yet: run grid.toml first")
+        print("\nresults/grid has no finished runs yet: run grid.toml first")
         return
     keep = [c for c in authors.columns if not c.endswith("_steps")]
     authors[keep].to_csv(dest / "runs.csv", index=False)
