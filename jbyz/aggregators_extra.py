@@ -1,4 +1,4 @@
-r"""More robust aggregation rules: MoNNA, SMEA, CAF, DnC, FLTrust and SignGuard.
+r"""More robust aggregation rules: MoNNA, SMEA, CAF, DnC, FLTrust, SignGuard, clipped clustering.
 
 The same kernel contract as :mod:`jbyz.aggregators` (read its module docstring first): every
 factory returns a :class:`jbyz.types.AggregationRule` whose ``apply`` is
@@ -633,6 +633,142 @@ def signguard(lower=0.1, upper=3.0, kmeans_iters: int = 10) -> AggregationRule:
 
 
 # --------------------------------------------------------------------------------------------
+# Clipped clustering
+
+
+def _agglomerate_two(dist: Array, usable: Array, linkage: str) -> tuple[Array, Array]:
+    """Greedy agglomerative clustering of the usable rows down to two clusters.
+
+    ``n - 2`` static merge steps (a step merges only while more than two clusters remain): the
+    closest pair of clusters (lowest index pair on exact ties) is merged, with the Lance-Williams
+    update for ``"average"`` (size-weighted mean of the distances) or ``"single"`` (minimum)
+    linkage. Returns ``(label [n] int, formed [n] int)``: each row's cluster representative, and
+    for each representative the step that formed it (-1 for a single row)."""
+    n = dist.shape[0]
+    idx = jnp.arange(n)
+    big = jnp.asarray(jnp.inf, jnp.float32)
+
+    def step(t, carry):
+        d, active, size, label, formed = carry
+        go = jnp.sum(active.astype(jnp.int32)) > 2
+        pair = active[:, None] & active[None, :] & (idx[:, None] < idx[None, :])
+        flat = jnp.argmin(jnp.where(pair, d, big).reshape(-1))
+        i, j = flat // n, flat % n
+        si, sj = size[i], size[j]
+        if linkage == "average":
+            row = (si * d[i] + sj * d[j]) / (si + sj)
+        else:
+            row = jnp.minimum(d[i], d[j])
+        new_d = d.at[i, :].set(row).at[:, i].set(row).at[i, i].set(0.0)
+        new_active = active.at[j].set(False)
+        new_size = size.at[i].add(sj)
+        new_label = jnp.where(label == j, i, label)
+        new_formed = formed.at[i].set(t)
+        pick = lambda a, b: jnp.where(go, a, b)  # noqa: E731
+        return (pick(new_d, d), pick(new_active, active), pick(new_size, size),
+                pick(new_label, label), pick(new_formed, formed))
+
+    init = (dist, usable, usable.astype(jnp.float32), idx, jnp.full((n,), -1, jnp.int32))
+    _, active, _, label, formed = lax.fori_loop(0, max(n - 2, 0), step, init)
+    return label, formed
+
+
+def clipped_clustering(
+    linkage: str = "average", max_tau=1e5, history: int = 1000
+) -> AggregationRule:
+    r"""Clipped clustering: clip to the median historical norm, keep the larger cosine cluster.
+
+    1. Clipping: the threshold :math:`\tau = \min(\mathrm{median}(H), \tau_{\max})`, where
+       :math:`H` holds the input norms of this step and of the previous ``history`` steps
+       (recorded before clipping); every input with :math:`\|x_i\| > \tau` is scaled by
+       :math:`\tau / (\|x_i\| + 10^{-6})` (fedlib's ``clip_tensor_norm_``).
+    2. Clustering: agglomerative clustering of the inputs into two clusters on the cosine
+       distances :math:`1 - \cos(x_i, x_j)`, with ``"average"`` or ``"single"`` linkage.
+    3. Output: the mean of the clipped inputs of the larger cluster.
+
+    Semantics as fedlib's ``Clippedclustering`` (scikit-learn's ``AgglomerativeClustering`` with
+    a precomputed distance matrix). Differences: fedlib keeps *every* norm it has ever seen;
+    a fixed-size state holds the last ``history`` steps' norms here (the same while the run is
+    shorter). The clustering here merges greedily the closest pair of clusters, which gives
+    scikit-learn's (scipy's) dendrogram unless distances tie exactly. Equal cluster sizes:
+    both keep the cluster formed by the later merge (scikit-learn's label 0). Unusable
+    (non-finite) rows are neither recorded, clustered nor averaged (fedlib gives them distance 2
+    to every row and keeps them in the clustering). Not translation equivariant, by design.
+
+    Args:
+      linkage: ``"average"`` (default, as fedlib) or ``"single"``.
+      max_tau: upper bound on the clipping threshold (fedlib default ``1e5``; float or array).
+      history: number of past steps whose norms enter the median (static; the state is
+        ``[history, n]``); 0 for this step's norms only (stateless).
+
+    Returns:
+      An :class:`~jbyz.types.AggregationRule` whose state is the norm history ``[history, n]``
+      (NaN where empty; ``init(n, d)`` gives an empty history). ``f`` is not used; needs
+      ``n >= 1``.
+
+    References:
+      Li, Xie, Gupta, Sun, Li, Yu (Blades). An experimental study of Byzantine-robust aggregation
+      schemes in federated learning. IEEE Transactions on Big Data, 2023.
+    """
+    _choice("clipped_clustering", "linkage", linkage, ("average", "single"))
+    _check_number("clipped_clustering", "max_tau", max_tau, low=0, low_open=True)
+    _check_number("clipped_clustering", "history", history, low=0, integer=True)
+    history = int(history)
+
+    def init(n, d):
+        return jnp.full((history, n), jnp.nan, jnp.float32) if history else ()
+
+    def apply(x, valid, f, key, state):
+        x, valid, f, m = _inputs(x, valid, f)
+        n = x.shape[0]
+        g = S.gram(x)
+        sq = jnp.diagonal(g)
+        usable = valid & jnp.isfinite(sq)
+        norm = jnp.sqrt(jnp.where(usable, sq, 0.0))
+        now = jnp.where(usable, norm, jnp.nan)
+        if history:
+            empty = isinstance(state, tuple) and state == ()
+            past = jnp.full((history, n), jnp.nan, jnp.float32) if empty else state
+            past = jnp.asarray(past, jnp.float32)
+            pool = jnp.concatenate([now, past.reshape(-1)])
+        else:
+            pool = now
+        count = jnp.sum(~jnp.isnan(pool))
+        srt = jnp.sort(jnp.where(jnp.isnan(pool), jnp.inf, pool))
+        lo = jnp.take(srt, jnp.maximum((count - 1) // 2, 0))
+        hi = jnp.take(srt, jnp.maximum(count // 2, 0))
+        tau = jnp.minimum(0.5 * (lo + hi), jnp.asarray(max_tau, jnp.float32))
+        scale = jnp.where(norm > tau, tau / (norm + 1e-6), 1.0)
+        pair = usable[:, None] & usable[None, :]
+        cos = jnp.where(pair, g, 0.0) / jnp.maximum(norm[:, None] * norm[None, :], 1e-8)
+        dist = jnp.where(jnp.eye(n, dtype=bool), 0.0, 1.0 - cos)
+        label, formed = _agglomerate_two(lax.stop_gradient(dist), usable, linkage)
+        rep = jnp.where(usable, label, n)
+        a = jnp.min(rep)  # the two representatives (a single one when m == 1)
+        b = jnp.max(jnp.where(usable & (label != a), label, -1))
+        in_a, in_b = usable & (label == a), usable & (label == b)
+        na, nb = jnp.sum(in_a), jnp.sum(in_b)
+        fa, fb = formed[a], jnp.where(b >= 0, formed[jnp.maximum(b, 0)], -2)
+        # Equal sizes: the later-formed cluster (scikit-learn's label 0); two single rows: the
+        # later one.
+        b_wins = (nb > na) | ((nb == na) & ((fb > fa) | ((fb == fa) & (b > a))))
+        keep = jnp.where(b_wins, in_b, in_a)
+        total = jnp.sum(keep.astype(jnp.float32))
+        w = jnp.where(keep, scale, 0.0) / jnp.maximum(total, 1.0)
+        out = S.weighted_row_sum(w, x)
+        if history:
+            state = jnp.concatenate([now[None, :], past[:-1]], axis=0)
+        return out, state
+
+    return AggregationRule(
+        name="clipped_clustering",
+        apply=apply,
+        init=init,
+        requirement=_requirement("clipped_clustering", "n >= 1", lambda n, f: n >= 1),
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # What jbyz.aggregators registers (name, factory, description, reference).
 
 RULES = (
@@ -678,6 +814,15 @@ RULES = (
         "the larger 2-means cluster of sign statistics; their mean.",
         "Xu, Huang, Zhang, Liu, Chen, ICDCS 2022",
     ),
+    Rule(
+        "clipped_clustering",
+        clipped_clustering,
+        "Clipped clustering: clip to the median of the recent norms, average the larger of two "
+        "agglomerative clusters on cosine distance.",
+        "Li, Xie, Gupta, Sun, Li, Yu, IEEE Trans. Big Data 2023",
+    ),
 )
 
-__all__ = ["RULES", "Rule", "caf", "dnc", "fltrust", "monna", "signguard", "smea"]
+__all__ = [
+    "RULES", "Rule", "caf", "clipped_clustering", "dnc", "fltrust", "monna", "signguard", "smea",
+]

@@ -27,7 +27,7 @@ from jbyz.registry import ConfigError
 DATA = json.loads((pathlib.Path(__file__).parent / "data" / "peer_reference_aggregators.json")
                   .read_text())
 KEY = jax.random.key(0)
-NEW = ("monna", "smea", "caf", "dnc", "fltrust", "signguard")
+NEW = ("monna", "smea", "caf", "dnc", "fltrust", "signguard", "clipped_clustering")
 
 
 def call(name, x, f, valid=None, reference=None, key=KEY, **hp):
@@ -56,13 +56,24 @@ def pad(x, slots, n, fill=np.nan):
                          ids=[f"{c['rule']}-{c['call']}" for c in DATA["cases"]])
 def test_equals_peer_output(i):
     case = DATA["cases"][i]
+    if "xs" in case:  # a stateful rule: a sequence of steps
+        agg = AGGREGATORS.build(case["rule"], **case["params"])
+        fn = jax.jit(agg.apply)
+        n, d = np.shape(case["xs"][0])
+        state = agg.init(n, d)
+        for x, want in zip(case["xs"], case["outs"]):
+            out, state = fn(jnp.asarray(x, jnp.float32), jnp.ones(n, bool), jnp.int32(case["f"]),
+                            KEY, state)
+            np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+        return
     x = np.asarray(case["x"], np.float32)
     out = call(case["rule"], x, case["f"], reference=case.get("reference"), **case["params"])
     np.testing.assert_allclose(out, case["out"], rtol=2e-5, atol=2e-5)
 
 
 def test_peer_cases_cover_each_deterministic_rule():
-    assert {c["rule"] for c in DATA["cases"]} == {"monna", "dnc", "fltrust", "signguard"}
+    assert {c["rule"] for c in DATA["cases"]} == {
+        "monna", "dnc", "fltrust", "signguard", "clipped_clustering"}
     assert set(DATA["peers"]) == {"byzfl", "fedlib", "blades"}
 
 
@@ -242,7 +253,7 @@ def test_registered_with_references_and_listed():
     assert AGGREGATORS.build("caf") is AGGREGATORS.build("caf")  # memoised
 
 
-@pytest.mark.parametrize("name", ["caf", "dnc", "monna"])
+@pytest.mark.parametrize("name", ["caf", "dnc", "monna", "signguard", "clipped_clustering"])
 def test_reverse_mode_gradient_is_finite(name):
     x = jnp.asarray(outlier_sample(11, 6, 3, 1))
     agg = AGGREGATORS.build(name)
@@ -253,6 +264,39 @@ def test_reverse_mode_gradient_is_finite(name):
 
     g = np.asarray(jax.jit(jax.grad(loss))(x))
     assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_clipped_clustering_history_window():
+    rng = np.random.default_rng(14)
+    agg = AGGREGATORS.build("clipped_clustering", history=1)
+    state = agg.init(5, 3)
+    assert state.shape == (1, 5) and np.all(np.isnan(state))
+    big = rng.normal(size=(5, 3)) * 100.0 + 300.0
+    small = rng.normal(size=(5, 3)) * 0.1 + 1.0
+    fn = jax.jit(agg.apply)
+    args = (jnp.ones(5, bool), jnp.int32(0), KEY)
+    _, state = fn(jnp.asarray(big, jnp.float32), *args, state)
+    np.testing.assert_allclose(state[0], np.linalg.norm(big, axis=1), rtol=1e-5)
+    # The threshold is the median of this step's and the last step's norms (10 values): the
+    # large norms of the previous step lift it above every small norm, so nothing is clipped.
+    out, state = fn(jnp.asarray(small, jnp.float32), *args, state)
+    assert is_majority_mean(out, small)
+    np.testing.assert_allclose(state[0], np.linalg.norm(small, axis=1), rtol=1e-5)
+    # Stateless (history=0): the median of this step's norms only.
+    out0, st0 = jax.jit(AGGREGATORS.build("clipped_clustering", history=0).apply)(
+        jnp.asarray(small, jnp.float32), *args, ())
+    norms = np.linalg.norm(small, axis=1)
+    med = np.median(norms)
+    clipped = small * np.where(norms > med, med / (norms + 1e-6), 1.0)[:, None]
+    assert is_majority_mean(out0, clipped) and not is_majority_mean(out0, small)
+    assert st0 == ()
+
+
+def is_majority_mean(out, rows):
+    """``out`` is the mean of some subset of at least half of ``rows``."""
+    n = len(rows)
+    return any(np.allclose(out, rows[list(s)].mean(0), rtol=1e-5, atol=1e-6)
+               for k in range((n + 1) // 2, n + 1) for s in itertools.combinations(range(n), k))
 
 
 # ------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ Peers and what is taken from them (only the files named are imported, nothing is
   ``clip_tensor_norm_``, is taken from ``fedlib/utils/torch_utils.py`` (its source, unchanged, by
   ``ast``). SignGuard's 2-means is scikit-learn's ``KMeans(random_state=0)`` (scikit-learn is
   needed in the venv); the cases have well separated sign statistics.
+* fedlib (same commit): ``fedlib/aggregators/clippedclustering.py`` ``Clippedclustering()``
+  (scikit-learn's ``AgglomerativeClustering``), stateful: each case is a sequence of steps on one
+  instance (``xs``, ``outs``), so the norm history is exercised.
 * Blades, lishenghui/blades at tag v0.1.0 (a7238f20ece562d24772421a7e57f9b792c9b8eb):
   ``src/blades/aggregators/fltrust.py`` ``Fltrust()``; its ``blades.client`` import is replaced by
   a stand-in (only ``is_trusted()`` and ``get_update()`` are called). The trusted client's update
@@ -163,6 +166,27 @@ def main() -> None:
         out = sg.Signguard()([torch.tensor(r, dtype=torch.float32) for r in x]).double().numpy()
         cases.append(dict(rule="signguard", peer="fedlib", call="Signguard()", params={}, f=0,
                           x=x.tolist(), out=out.tolist()))
+
+    cc = importlib.import_module("fedlib.aggregators.clippedclustering")
+    for seed, n, d, flip, huge, steps, linkage in [
+        (41, 10, 30, 3, 1, 3, "average"),
+        (42, 11, 20, 4, 2, 2, "average"),
+        (43, 9, 25, 2, 0, 3, "single"),
+    ]:
+        rng = np.random.default_rng(seed)
+        agg = cc.Clippedclustering(linkage=linkage)
+        xs, outs = [], []
+        for t in range(steps):
+            x = (rng.normal(size=(n, d)) + 1.0) * rng.uniform(0.5, 2.0)
+            x[:flip] = -x[:flip]
+            x[flip:flip + huge] *= 30.0
+            x = x.astype(np.float32).astype(np.float64)
+            out = agg([torch.tensor(r, dtype=torch.float32) for r in x]).double().numpy()
+            xs.append(x.tolist())
+            outs.append(out.tolist())
+        cases.append(dict(rule="clipped_clustering", peer="fedlib",
+                          call=f"Clippedclustering(linkage={linkage!r}), {steps} steps",
+                          params={"linkage": linkage}, f=0, xs=xs, outs=outs))
 
     # Blades v0.1.0 FLTrust, with a stand-in for blades.client.
     blades_pkg = types.ModuleType("blades")
