@@ -22,7 +22,12 @@ Per-step inputs travel as keyword ``extra_args`` (optax's ``GradientTransformati
   rules with ``needs_reference`` (dSTAR's validation gradient).
 
 Every numeric factory argument may be a traced array, so the transforms work under ``jit``,
-``vmap`` over runs, and ``optax.inject_hyperparams``. :func:`robust_aggregate` returns an
+``vmap`` over runs, and ``optax.inject_hyperparams`` (``num_workers`` must be concrete when
+``init`` runs). Any other optax transform runs per worker through :func:`per_worker`; gradient
+accumulation over ``k`` calls is :class:`MultiSteps`. Rules, pre-aggregators and attacks may be
+given as objects, registry names or ``{"name": ..., **hyper-parameters}`` dicts. What ``jbyz
+run`` rejects (a rule's requirement, ``f >= n``, a data-level attack) is rejected here with the
+same text, and every stage checks that its input has one row per worker. :func:`robust_aggregate` returns an
 :class:`optax.experimental.aggregating.Aggregator`, optax's own contract for per-element
 aggregation, so it also composes with ``optax.experimental.aggregating.process``.
 """
