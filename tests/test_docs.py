@@ -76,3 +76,11 @@ def test_components_page_lists_every_registry():
             defined.add((module, name))
     assert len(defined) >= 7 and defined <= listed, (
         f"registries missing from docs/components.md: {sorted(defined - listed)}")
+
+
+def test_running_page_code_runs():
+    blocks = python_blocks(ROOT / "docs" / "running.md")
+    assert blocks
+    proc = subprocess.run([sys.executable, "-c", "\n\n".join(blocks)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
