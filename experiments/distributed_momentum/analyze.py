@@ -18,7 +18,8 @@ run, and writes into ``results/``:
   comparison of the authors' earlier preprint, NOT the ICLR paper's; see its caption);
 * ``ablation.csv``: each deviation from the authors' setting switched back alone, on the
   ablation slice, and how the headline numbers and the within-run ratio move;
-* ``boxplot.png``, ``cells.csv``, ``pairs.csv``, ``runs.csv``.
+* ``boxplot.png``, ``cells.csv``, ``pairs.csv``, ``runs.csv``; for the baseline
+  ``baseline_counters.csv`` and ``boxplot_baseline.png``.
 
 Definitions (as the authors' ``reproduce.py``): a run's metric is its highest observed test
 accuracy. For every run with momentum at the workers, ``ats`` is the same configuration and seed
@@ -299,7 +300,7 @@ def boxplot(runs: pd.DataFrame, path: Path) -> None:
                              squeeze=False, constrained_layout=True)
     for ax, (ds, atk, f) in zip(axes[0], panels):
         sub = att[(att.dataset == ds) & (att.attack_name == atk) & (att.f_real == f)]
-        gars = list(dict.fromkeys(sub["gar"]))
+        gars = sorted(sub["gar"].unique())
         data, pos, colors = [], [], []
         for i, g in enumerate(gars):
             for j, (where, c) in enumerate((("server", "tab:orange"), ("worker", "tab:blue"))):
@@ -420,6 +421,7 @@ def main(dest: str | Path | None = None) -> None:
             print(f"  {stat}: {_fmt(k, n)}")
         pd.DataFrame([dict(statistic=s_, k=k, N=n) for s_, (k, n) in counters(pb).items()]).to_csv(
             dest / "baseline_counters.csv", index=False)
+        boxplot(baseline, dest / "boxplot_baseline.png")
     if authors.empty:
         print("\nresults/grid has no finished runs yet: run grid.toml first")
         return
