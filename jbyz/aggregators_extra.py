@@ -232,7 +232,9 @@ def smea(max_subsets: int = 2**12) -> AggregationRule:
     valid mask stay traced, as :func:`jbyz.aggregators.mda`); the subsets of size ``m - f`` made of
     valid rows compete, those with an unusable (non-finite) row lose. Exact ties go to the
     first subset in bitmask order (ByzFL: the first in ``itertools.combinations`` order).
-    Cost: ``O(2^n n^3)`` time and ``O(2^n n^2)`` memory per call, hence the ``n`` limit.
+    Cost: ``O(2^n n^3)`` time and ``O(2^n n^2)`` memory per call, hence the ``n`` limit
+    (measured on a shared 2-core CPU at ``d = 10^4``: 28 ms a call at ``n = 10``, 0.19 s at
+    ``n = 12``).
 
     Args:
       max_subsets: the largest ``2^n`` allowed (default ``2**12``, i.e. ``n <= 12`` worker

@@ -123,19 +123,26 @@ def outlier_sample(seed, n, d, b, scale=6.0):
     return x.astype(np.float32).astype(np.float64)
 
 
-SMEA_CASES = [(0, 7, 3, 2, 2), (1, 8, 12, 3, 1), (2, 9, 2, 4, 4), (3, 6, 30, 1, 0),
-              (4, 10, 5, 3, 3)]
+# (seed, n, f, b): n valid rows of dimension D_EXACT, b of them far away, always placed in 12
+# slots (one compiled program for every case; the unpadded stack is checked once).
+EXACT_CASES = [(0, 7, 2, 2), (1, 8, 3, 1), (2, 9, 4, 4), (3, 6, 1, 0), (4, 10, 3, 3),
+               (5, 11, 5, 5), (6, 12, 2, 2)]
+D_EXACT, SLOTS = 6, 12
 
 
-@pytest.mark.parametrize("seed,n,d,f,b", SMEA_CASES)
-def test_smea_equals_exact_numpy(seed, n, d, f, b):
-    x = outlier_sample(seed, n, d, b)
+def padded_case(seed, n, b, fill=np.nan):
+    x = outlier_sample(seed, n, D_EXACT, b)
+    slots = np.sort(np.random.default_rng(seed).choice(SLOTS, size=n, replace=False))
+    return x, *pad(x, slots, SLOTS, fill)
+
+
+@pytest.mark.parametrize("seed,n,f,b", EXACT_CASES)
+def test_smea_equals_exact_numpy(seed, n, f, b):
+    x, xp, valid = padded_case(seed, n, b)
     want, _ = np_smea(x, f)
-    np.testing.assert_allclose(call("smea", x, f), want, rtol=1e-5, atol=1e-5)
-    # ...and the same with the rows spread over padded slots (12 slots, the default limit).
-    slots = np.sort(np.random.default_rng(seed).choice(12, size=n, replace=False))
-    xp, valid = pad(x, slots, 12)
     np.testing.assert_allclose(call("smea", xp, f, valid), want, rtol=1e-5, atol=1e-5)
+    if seed == 0:
+        np.testing.assert_allclose(call("smea", x, f), want, rtol=1e-5, atol=1e-5)
 
 
 def test_smea_limit_and_requirement():
@@ -149,19 +156,14 @@ def test_smea_limit_and_requirement():
         call("smea", np.zeros((13, 2)), 1)
 
 
-CAF_CASES = [(0, 7, 3, 2, 2), (1, 8, 12, 3, 1), (2, 9, 2, 4, 4), (3, 6, 30, 1, 0),
-             (4, 10, 5, 3, 3), (5, 11, 4, 5, 5), (6, 11, 20, 2, 2)]
-
-
-@pytest.mark.parametrize("seed,n,d,f,b", CAF_CASES)
-def test_caf_equals_exact_numpy(seed, n, d, f, b):
-    x = outlier_sample(seed, n, d, b)
+@pytest.mark.parametrize("seed,n,f,b", EXACT_CASES)
+def test_caf_equals_exact_numpy(seed, n, f, b):
+    x, xp, valid = padded_case(seed, n, b, fill=1e30)
     want, it = np_caf(x, f)
     assert it <= 2 * f  # the "active" scope zeroes a remaining row per iteration
-    np.testing.assert_allclose(call("caf", x, f), want, rtol=1e-4, atol=1e-4)
-    slots = np.sort(np.random.default_rng(seed).choice(13, size=n, replace=False))
-    xp, valid = pad(x, slots, 13, fill=1e30)
     np.testing.assert_allclose(call("caf", xp, f, valid), want, rtol=1e-4, atol=1e-4)
+    if seed == 0:
+        np.testing.assert_allclose(call("caf", x, f), want, rtol=1e-4, atol=1e-4)
 
 
 def test_caf_byzfl_scope_equals_numpy_when_its_loop_ends_within_iters():
@@ -309,7 +311,7 @@ def test_robust_aggregate_optax_drop_in():
     g = {"w": jnp.asarray(rng.normal(size=(n, 3, 2)), jnp.float32),
          "b": jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)}
     rows = np.concatenate([np.asarray(g["b"]), np.asarray(g["w"]).reshape(n, -1)], axis=1)
-    for name in ("monna", "caf", "smea", "dnc"):
+    for name in ("monna", "caf"):  # (every rule shares the transform's code path)
         tx = jbyz.robust_aggregate(AGGREGATORS.build(name), f=2, num_workers=n)
         st = tx.init({"w": jnp.zeros((3, 2)), "b": jnp.zeros(4)})
         out, _ = jax.jit(tx.update)(g, st)
@@ -333,8 +335,8 @@ f_real = 2
 attack = "sign_flip"
 attack_kwargs = {scale = -10.0}
 batch_size = 32
-steps = 60
-eval_every = 60
+steps = 40
+eval_every = 40
 lr = 0.1
 momentum = 0.9
 server_validation = 200
