@@ -140,7 +140,9 @@ def test_krum_selects_an_honest_input(case, distance):
     assert np.min(np.abs(honest - out).max(axis=1)) < 1e-6, "Krum output is not an honest input"
 
 
-@pytest.mark.parametrize("name", ["multi_krum", "mda", "bulyan", "bulyan-multikrum"])
+@pytest.mark.parametrize(
+    "name", ["multi_krum", "mda", "bulyan", "bulyan-multikrum", "monna", "smea", "caf", "dnc"]
+)
 @SETTINGS
 @given(scenario(lambda m, f: m >= 2 * f + 3, far=True))
 def test_selection_rules_stay_in_the_honest_box(name, case):
