@@ -22,8 +22,8 @@ eigenvector ``u`` of the small matrix. The eigen-solves run under ``stop_gradien
 held fixed.
 
 Semantics follow the peers' code (ByzFL, LPD-EPFL/byzfl at 69bd1ac, for MoNNA, SMEA and CAF;
-Blades/fedlib, fedlib/fedlib at 8428019 and lishenghui/blades v0.1.0, for DnC and FLTrust); every
-difference is stated in the rule's docstring. ``tests/data/make_peer_reference.py`` regenerates the
+Blades' engine fedlib, fedlib/fedlib at 8428019, for DnC, SignGuard and clipped clustering; Blades
+v0.1.0, lishenghui/blades, for FLTrust); every difference is stated in the rule's docstring. ``tests/data/make_peer_reference.py`` regenerates the
 peers' outputs that ``tests/test_aggregators_extra.py`` compares against.
 """
 
@@ -597,8 +597,8 @@ def signguard(lower=0.1, upper=3.0, kmeans_iters: int = 10) -> AggregationRule:
       An :class:`~jbyz.types.AggregationRule`. ``f`` is not used; needs ``n >= 1``.
 
     References:
-      Xu, Huang, Zhang, Liu, Chen. SignGuard: Byzantine-robust federated learning through
-      collaborative malicious gradient filtering. ICDCS 2022.
+      Xu, Huang, Song, Lan. SignGuard: Byzantine-robust federated learning through
+      collaborative malicious gradient filtering. ICDCS 2022 (arXiv:2109.05872).
     """
     _check_number("signguard", "lower", lower, low=0)
     _check_number("signguard", "upper", upper, low=0)
@@ -709,8 +709,8 @@ def clipped_clustering(
       ``n >= 1``.
 
     References:
-      Li, Xie, Gupta, Sun, Li, Yu (Blades). An experimental study of Byzantine-robust aggregation
-      schemes in federated learning. IEEE Transactions on Big Data, 2023.
+      Li, Ngai, Voigt. An experimental study of Byzantine-robust aggregation schemes in federated
+      learning. IEEE Transactions on Big Data, 2023 (arXiv:2302.07173).
     """
     _choice("clipped_clustering", "linkage", linkage, ("average", "single"))
     _check_number("clipped_clustering", "max_tau", max_tau, low=0, low_open=True)
@@ -814,14 +814,14 @@ RULES = (
         signguard,
         "SignGuard: clip to the median norm, keep inputs with norms in [0.1, 3] x median and in "
         "the larger 2-means cluster of sign statistics; their mean.",
-        "Xu, Huang, Zhang, Liu, Chen, ICDCS 2022",
+        "Xu, Huang, Song, Lan, ICDCS 2022",
     ),
     Rule(
         "clipped_clustering",
         clipped_clustering,
         "Clipped clustering: clip to the median of the recent norms, average the larger of two "
         "agglomerative clusters on cosine distance.",
-        "Li, Xie, Gupta, Sun, Li, Yu, IEEE Trans. Big Data 2023",
+        "Li, Ngai, Voigt, IEEE Transactions on Big Data 2023",
     ),
 )
 
