@@ -255,7 +255,7 @@ def test_registered_with_references_and_listed():
     assert AGGREGATORS.build("caf") is AGGREGATORS.build("caf")  # memoised
 
 
-@pytest.mark.parametrize("name", ["caf", "dnc", "monna", "signguard", "clipped_clustering"])
+@pytest.mark.parametrize("name", ["caf", "dnc", "monna", "smea", "signguard", "clipped_clustering"])
 def test_reverse_mode_gradient_is_finite(name):
     x = jnp.asarray(outlier_sample(11, 6, 3, 1))
     agg = AGGREGATORS.build(name)
