@@ -59,6 +59,14 @@ def test_unknown_component_without_its_plugin_is_reported():
     assert any("unknown aggregator 'a_rule_nobody_registered'" in e for e in errs)
 
 
+def test_plugin_example_checks_without_compute(capsys):
+    assert cli.main(["check", str(EXAMPLE / "grid.toml")]) == 0
+    assert "4 valid, 0 invalid run(s)" in capsys.readouterr().out
+    exp = load_experiment(EXAMPLE / "grid.toml")
+    assert {(c.aggregator, c.attack, c.model) for c in exp.runs()} == {
+        (a, b, "tiny_mlp") for a in ("mean", "smallest_norms") for b in ("none", "inverted_mean")}
+
+
 def test_plugin_example_runs_end_to_end(tmp_path, monkeypatch):
     """The README's worked example: a grid of user-registered aggregator, attack and model."""
     exp = load_experiment(EXAMPLE / "grid.toml")  # [run] plugins = ["my_components.py"]

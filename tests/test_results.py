@@ -50,6 +50,8 @@ def test_attack_z_is_recorded_when_left_at_its_default(tmp_path):
     with pytest.warns(UserWarning, match="z = 0.253 at n=7, f_real=2"):
         table = grid._rows_to_frame(batch, rows, {"jbyz_version": "test"})
     assert table["attack_kwargs"].tolist() == ["{}", '{"z": "baruch"}']
+    assert "config_hash" not in table.columns and table["f"].tolist() == [2, 2]  # f_real: f unset
+    assert table["aggregator.tau"].tolist() == [1.0, 1.0]
     z = table.set_index("run_id")["attack.z"]
     from jbyz.attacks import alie_z
 
