@@ -33,13 +33,17 @@ def _np_grad(w, a, y):
     return a.T @ (a @ w - y) / len(y)
 
 
-def _reference(cfg, params, key, a, y, idx, k_randk=None):
-    """Algorithm 1 of Malinovsky et al. in numpy (float64), with the draws of ``round_keys``."""
+def _reference(cfg, params, key, a, y, idx, k_randk=None, mult=2.0):
+    """Algorithm 1 of Malinovsky et al. in numpy (float64), with the draws of ``round_keys``.
+
+    ``mult``: the shift-back multiplier, a number or ``"lr"`` (the a9a script: ``mult = lr``).
+    ``cfg.full_round_every``: the a9a script's full round at every epoch start.
+    """
     a = a.astype(np.float64)
     y = y.astype(np.float64)
     lr, p, alpha, f_real = params.lr, params.p, params.alpha, params.f_real
     c, ch = cfg.sizes
-    mult = 2.0
+    mult = lr if mult == "lr" else mult
 
     def local(i, w, pos=None):
         rows = idx[i] if pos is None else idx[i][pos]
@@ -76,7 +80,10 @@ def _reference(cfg, params, key, a, y, idx, k_randk=None):
     xs, gs, fulls, majs = [], [], [], []
     for k in range(cfg.num_steps):
         rk = M.round_keys(key, k)
-        full = bool(jax.random.bernoulli(rk.coin, p)) and not cfg.force_p_zero
+        if cfg.full_round_every is not None:
+            full = (k + 1) % cfg.full_round_every == 0
+        else:
+            full = bool(jax.random.bernoulli(rk.coin, p)) and not cfg.force_p_zero
         x_new = x - lr * g
         lam = alpha * (np.linalg.norm(x_new - x) if cfg.threshold == "step" else np.linalg.norm(g))
         perm = np.argsort(np.asarray(jax.random.uniform(rk.sample, (N,))), kind="stable")
@@ -119,12 +126,18 @@ CASES = {
                                           force_p_zero=True, clip=True),
                                  agg="median", k_randk=None, p=0.5, alpha=0.05),
     "marina_mean": dict(cfg=dict(variant="marina"), agg="mean", k_randk=None, p=0.2, alpha=1.0),
+    # the a9a script: full rounds at epoch starts only (p = 0.9 unused), radius alpha ||g^k||,
+    # shift-back with multiplier 'lr'
+    "a9a_script_median": dict(cfg=dict(clients_per_round=2, threshold="aggregate",
+                                       full_round_every=4),
+                              agg="median", k_randk=None, p=0.9, alpha=0.5, mult="lr"),
 }
 
 
 @pytest.mark.parametrize(
     "case",
-    [c if c in ("pp_median_randk", "quirks_noclip_median") else pytest.param(c, marks=pytest.mark.slow)
+    [c if c in ("pp_median_randk", "quirks_noclip_median", "a9a_script_median")
+     else pytest.param(c, marks=pytest.mark.slow)
      for c in CASES],
 )
 def test_matches_numpy_reference(case):
@@ -132,20 +145,23 @@ def test_matches_numpy_reference(case):
     a, y, idx = _problem()
     oracle = M.finite_sum_oracle(_loss, a, y, idx, B, big_batch_size=BBIG, num_classes=1)
     comp = randk(k=spec["k_randk"]) if spec["k_randk"] else M.identity()
+    mult = spec.get("mult", 2.0)
     cfg = M.MarinaConfig(num_clients=N, num_steps=25, aggregator=AGGREGATORS.build(spec["agg"]),
-                         attack=M.shift_back(2.0), compressor=comp, **spec["cfg"])
+                         attack=M.shift_back(mult), compressor=comp, **spec["cfg"])
     params = M.MarinaParams(lr=0.1, p=spec["p"], alpha=spec["alpha"], f_real=2, f=0)
     key = jax.random.key(3)
     run = jax.jit(M.build_run(cfg, oracle, lambda x: {"x": x}))
     state, tr = run(jnp.zeros(D), params, key)
-    xs, gs, fulls, majs = _reference(cfg, params, key, a, y, idx, spec["k_randk"])
+    xs, gs, fulls, majs = _reference(cfg, params, key, a, y, idx, spec["k_randk"], mult)
     np.testing.assert_array_equal(np.asarray(tr["full"]), fulls)
     np.testing.assert_array_equal(np.asarray(tr["byz_majority"]), majs)
     scale = 1.0 + np.abs(xs).max()
     np.testing.assert_allclose(np.asarray(tr["x"]), xs, rtol=1e-4, atol=1e-4 * scale)
     np.testing.assert_allclose(np.asarray(state.g), gs[-1], rtol=1e-4,
                                atol=1e-4 * (1 + np.abs(gs).max()))
-    if cfg.force_p_zero:
+    if cfg.full_round_every is not None:
+        np.testing.assert_array_equal(fulls, (np.arange(25) + 1) % cfg.full_round_every == 0)
+    elif cfg.force_p_zero:
         assert not fulls.any()
     elif cfg.variant != "marina":
         assert fulls.any() and not fulls.all()
@@ -180,6 +196,72 @@ def test_shift_back_attack():
     np.testing.assert_allclose(out, [[4.0, 4.0], [3.0, 3.0], [5.0, 5.0]])
     with pytest.raises(ConfigError):
         att(x, ~byz, byz, jax.random.key(0), ctx={})
+
+
+def test_shift_back_forms_by_hand():
+    """Each script's multiplier on x = (2, 0), x0 = (1, 1), r = (1, 0): the vector sent and the
+    point ``x - gamma (r + v)`` the server lands on."""
+    x = jnp.array([[1.0, 1.0], [3.0, 3.0], [5.0, 5.0]])
+    byz = jnp.array([True, True, False])
+    xk, x0, ref = np.array([2.0, 0.0]), np.array([1.0, 1.0]), np.array([1.0, 0.0])
+
+    def sent(mult, lr):
+        ctx = {"params": jnp.asarray(xk), "x0": jnp.asarray(x0), "lr": lr,
+               "reference": jnp.asarray(ref)}
+        out, _ = M.shift_back(mult)(x, ~byz, byz, jax.random.key(0), ctx=ctx)
+        np.testing.assert_allclose(out[2], [5.0, 5.0])  # the honest row is untouched
+        np.testing.assert_allclose(out[0], out[1])
+        return np.asarray(out[0])
+
+    # a9a script (multiplier='lr'): v = (x - x0) - r = (0, -1) at any stepsize; the server lands
+    # on x + gamma (x0 - x)
+    for lr in (0.5, 0.1):
+        v = sent("lr", lr)
+        np.testing.assert_allclose(v, [0.0, -1.0])
+        np.testing.assert_allclose(xk - lr * (ref + v), xk + lr * (x0 - xk), atol=1e-6)
+    np.testing.assert_allclose(xk - 0.5 * (ref + sent("lr", 0.5)), [1.5, 0.5])
+    # MNIST script (multiplier=2.): v = (2 / 0.5)(x - x0) - r = (3, -4): reflection 2 x0 - x
+    v = sent(2.0, 0.5)
+    np.testing.assert_allclose(v, [3.0, -4.0])
+    np.testing.assert_allclose(xk - 0.5 * (ref + v), [0.0, 2.0])
+    # multiplier 1: v = (1, -2), back on x0 exactly
+    v = sent(1.0, 0.5)
+    np.testing.assert_allclose(v, [1.0, -2.0])
+    np.testing.assert_allclose(xk - 0.5 * (ref + v), x0)
+    with pytest.raises(ConfigError, match="mult must be a number or 'lr'"):
+        M.shift_back("gamma")
+    with pytest.raises(ConfigError, match="otherwise must be 'mean' or 'own'"):
+        M.shift_back("lr", otherwise="median")
+
+
+def test_full_round_every_epoch_start_by_hand():
+    """E = 3, 7 rounds: full rounds at k = 2, 5 (the script's rounds 3 and 6, epoch starts),
+    whatever p; g^{k+1} is then the mean of all clients' full gradients at x^{k+1}; the epoch
+    count adds 1 per full round and C * 2b / (n m) per compressed one."""
+    a, y, idx = _problem()
+    oracle = M.finite_sum_oracle(_loss, a, y, idx, B, num_classes=1)
+    cfg = M.MarinaConfig(num_clients=N, num_steps=7, aggregator=AGGREGATORS.build("mean"),
+                         clients_per_round=2, full_round_every=3)
+    run = jax.jit(M.build_run(cfg, oracle, lambda x: {"x": x}))
+    want = np.array([False, False, True, False, False, True, False])
+    traces = []
+    for p in (0.0, 1.0):
+        _, tr = run(jnp.zeros(D), M.MarinaParams(lr=0.1, p=p, alpha=1.0), jax.random.key(1))
+        np.testing.assert_array_equal(np.asarray(tr["full"]), want)
+        traces.append(tr)
+    np.testing.assert_allclose(traces[0]["x"], traces[1]["x"])  # p is not used
+    comp = 2 * 2 * B / (N * MS)  # C = 2 clients, 2 minibatches of b = 2, over n m = 30
+    epochs = 1.0 + np.cumsum(np.where(want, 1.0, comp))
+    np.testing.assert_allclose(np.asarray(traces[0]["epochs"]), epochs, rtol=1e-6)
+    # in a full round every client sends its full local gradient at x^{k+1}; mean aggregator
+    cfg1 = M.MarinaConfig(num_clients=N, num_steps=3, aggregator=AGGREGATORS.build("mean"),
+                          clients_per_round=2, full_round_every=3)
+    state, tr = jax.jit(M.build_run(cfg1, oracle, lambda x: {"x": x}))(
+        jnp.zeros(D), M.MarinaParams(lr=0.1, p=0.0, alpha=1.0), jax.random.key(1))
+    x3 = np.asarray(tr["x"][-1], np.float64)
+    g_full = np.mean([_np_grad(x3, a[idx[i]].astype(np.float64), y[idx[i]]) for i in range(N)],
+                     axis=0)
+    np.testing.assert_allclose(np.asarray(state.g), g_full, rtol=1e-5, atol=1e-6)
 
 
 def _logreg_setup(steps):
@@ -250,3 +332,11 @@ def test_config_validation():
     cfg = M.MarinaConfig(num_clients=5, num_steps=1, aggregator=agg, variant="marina",
                          clients_per_round=2)
     assert cfg.sizes == (5, 5) and not cfg.clips
+    for bad in (0, -2, 2.5, True, "3"):
+        with pytest.raises(ConfigError, match="full_round_every must be None or an int >= 1"):
+            M.MarinaConfig(num_clients=5, num_steps=1, aggregator=agg, full_round_every=bad)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        M.MarinaConfig(num_clients=5, num_steps=1, aggregator=agg, full_round_every=3,
+                       force_p_zero=True)
+    assert M.MarinaConfig(num_clients=5, num_steps=1, aggregator=agg,
+                          full_round_every=np.int64(2)).full_round_every == 2

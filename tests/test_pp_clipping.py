@@ -175,3 +175,27 @@ def test_optax_step_radius_uses_parameter_change():
     u2 = {"w": jnp.array([[1.0, 10.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])}
     g2, st = tx.update(u2, st, p1)
     np.testing.assert_allclose(g2["w"], [1.0, 0.2 / 4], rtol=1e-5)
+
+
+def test_client_momentum_sampled_and_all_clients_by_hand():
+    """m_i <- beta m_i + g_i: only the sampled clients' buffers, or every client's (the authors'
+    code computes every worker's gradient each round); the messages are the sampled buffers."""
+    from jbyz.algorithms.pp_clipping import client_momentum
+
+    mom = jnp.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+    clients = jnp.array([2, 0])
+    new, msgs = client_momentum(mom, jnp.array([[10.0, 0.0], [0.0, 10.0]]), clients, 0.5)
+    np.testing.assert_allclose(new, [[0.5, 10.5], [2.0, 2.0], [11.5, 1.5], [4.0, 4.0]])
+    np.testing.assert_allclose(msgs, [[11.5, 1.5], [0.5, 10.5]])
+    grads = jnp.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, -1.0]])
+    new, msgs = client_momentum(mom, grads, clients, 0.5, all_clients=True)
+    # clients 1 and 3 were not sampled and still moved
+    np.testing.assert_allclose(new, [[1.5, 0.5], [1.0, 2.0], [3.5, 3.5], [1.0, 1.0]])
+    np.testing.assert_allclose(msgs, [[3.5, 3.5], [1.5, 0.5]])
+    # zero buffers: the first update is the gradient (PyTorch's first momentum_buffer)
+    new, msgs = client_momentum(jnp.zeros((4, 2)), grads, clients, 0.9, all_clients=True)
+    np.testing.assert_allclose(new, grads)
+    with pytest.raises(ValueError, match=r"all_clients=True needs grads of shape \(4, 2\)"):
+        client_momentum(mom, grads[:2], clients, 0.5, all_clients=True)
+    with pytest.raises(ValueError, match=r"all_clients=False needs grads of shape \(2, 2\)"):
+        client_momentum(mom, grads, clients, 0.5)

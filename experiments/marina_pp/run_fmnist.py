@@ -26,6 +26,13 @@ benchmarks/NOTES_cnn.md), and vmap over runs is slower than a loop for convoluti
 Run (from the repository root):
     nice -n 10 python experiments/marina_pp/run_fmnist.py
 Writes experiments/marina_pp/results/fmnist.parquet.
+
+Options beyond the defaults (also as keys of a TOML file, --config experiments/marina_pp/configs/):
+  --test-size 10000           the whole Fashion-MNIST test set (default: a 2000-image subset)
+  --momentum-all-clients      every client computes a gradient and updates its momentum every
+                              round, sampled or not, as the authors' code (code/simulator.py
+                              computes every worker's gradient each round); 5x the gradients
+  --check                     validate the options and print the plan, run nothing
 """
 
 from __future__ import annotations
@@ -43,12 +50,14 @@ from jax.flatten_util import ravel_pytree
 
 from jbyz.aggregators import AGGREGATORS
 from jbyz.algorithms.marina import sample_clients, shift_back
-from jbyz.algorithms.pp_clipping import clip_deviations
+from jbyz.algorithms.pp_clipping import client_momentum, clip_deviations
 from jbyz.attacks import ATTACKS, alie_z
 from jbyz.data import flip_labels, load_dataset, sample_indices, split_workers
 from jbyz.models import build_model, per_worker_grads
 from jbyz.preaggregators import bucketing
 from jbyz.results import run_metadata, write_table
+
+from config_file import parse_args  # experiments/marina_pp/config_file.py
 
 HERE = Path(__file__).resolve().parent
 N, F_REAL, C, BATCH, BETA = 20, 5, 4, 32, 0.9
@@ -68,8 +77,13 @@ def make_attack(name):
     raise ValueError(name)
 
 
-def build(ds, split, model, attack_name, agg_name, lr, clip_mult, test_x, test_y):
-    """One compiled round per (attack, aggregator); clipping on/off and f_real are traced."""
+def build(ds, split, model, attack_name, agg_name, lr, clip_mult, test_x, test_y,
+          momentum_all_clients=False):
+    """One compiled round per (attack, aggregator); clipping on/off and f_real are traced.
+
+    ``momentum_all_clients``: every client's momentum moves each round (the authors' code);
+    the sampled clients' minibatches are the same as without it.
+    """
     attack = make_attack(attack_name)
     agg = clip_deviations(AGGREGATORS.build(agg_name), (bucketing(2),), clip_mult=clip_mult)
     grads_fn = per_worker_grads(
@@ -87,16 +101,18 @@ def build(ds, split, model, attack_name, agg_name, lr, clip_mult, test_x, test_y
         kk = jax.random.fold_in(run_key, k)
         clients = sample_clients(jax.random.fold_in(kk, 0), N, C)
         byz = clients < f_real
-        bkeys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(kk, 1), c))(clients)
+        # who computes a gradient: the sampled clients, or every client (the authors' code)
+        workers = jnp.arange(N, dtype=jnp.int32) if momentum_all_clients else clients
+        bkeys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(kk, 1), c))(workers)
         idx = jax.vmap(sample_indices, in_axes=(0, 0, 0, None))(
-            bkeys, idx_table[clients], sizes[clients], BATCH)
+            bkeys, idx_table[workers], sizes[workers], BATCH)
         yb = Y[idx]
         if attack.flips_labels:
-            yb = jnp.where(byz[:, None], flip_labels(yb, 10), yb)
+            yb = jnp.where((workers < f_real)[:, None], flip_labels(yb, 10), yb)
         g, _ = grads_fn(unravel(x), model.state, X[idx], yb, bkeys)
         g = jax.vmap(lambda t: ravel_pytree(t)[0])(g)
-        m_new = BETA * mom[clients] + g  # sum-form worker momentum (first buffer = first grad)
-        mom = mom.at[clients].set(m_new)
+        # sum-form worker momentum (first buffer = first grad); messages: the sampled buffers
+        mom, m_new = client_momentum(mom, g, clients, BETA, all_clients=momentum_all_clients)
         ctx = {"params": x, "x0": x0, "lr": lr, "f": 0, "step": k}
         msgs, _ = attack.apply(m_new, ~byz, byz, jax.random.fold_in(kk, 2), (), ctx)
         # first round: no previous aggregate, no clipping; clip=False: plain bucketed rule
@@ -144,7 +160,27 @@ def main():
     ap.add_argument("--attacks", default="none,bit_flip,label_flip,alie,shift_back")
     ap.add_argument("--aggregators", default="median,geometric_median")
     ap.add_argument("--out", default=str(HERE / "results" / "fmnist.parquet"))
-    args = ap.parse_args()
+    ap.add_argument("--momentum-all-clients", action="store_true",
+                    help="update every client's momentum each round (the authors' code)")
+    ap.add_argument("--check", action="store_true", help="validate and print the plan only")
+    args = parse_args(ap)
+    known_attacks = {"none", "bit_flip", "label_flip", "alie", "shift_back"}
+    bad = [a for a in args.attacks.split(",") if a not in known_attacks]
+    if bad:
+        ap.error(f"unknown attacks {bad}; known: {', '.join(sorted(known_attacks))}")
+    for name in args.aggregators.split(","):
+        if name not in AGGREGATORS.names():
+            ap.error(f"unknown aggregator {name!r}")
+    if args.test_size < 1 or args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
+        ap.error("--test-size, --seeds, --steps and --eval-every must be >= 1")
+    n_runs = (len([a for a in args.attacks.split(",")]) * 2 * len(args.aggregators.split(","))
+              * args.seeds)
+    print(f"{n_runs} runs of {args.steps} rounds (attacks {args.attacks}; aggregators "
+          f"{args.aggregators}; clipping on/off; {args.seeds} seeds), lr {args.lr}, test images "
+          f"{min(args.test_size, 10000)}, momentum of "
+          f"{'every client' if args.momentum_all_clients else 'the sampled clients'} -> {args.out}")
+    if args.check:
+        return
 
     ds = load_dataset("fashion_mnist", limit_test=args.test_size)
     split = split_workers(ds.y_train, N, "iid", seed=0)
@@ -157,7 +193,7 @@ def main():
     for attack_name, agg_name in itertools.product(
             [a for a in attacks if a != "none"] or ["shift_back"], args.aggregators.split(",")):
         run = build(ds, split, model, attack_name, agg_name, args.lr, args.clip_mult,
-                    test_x, test_y)
+                    test_x, test_y, args.momentum_all_clients)
         cases = [(attack_name, clip, F_REAL) for clip in (True, False)]
         if "none" in attacks and attack_name == "shift_back":  # the no-attack reference
             cases += [("none", clip, 0) for clip in (True, False)]
@@ -180,6 +216,8 @@ def main():
                      momentum=BETA, lr=args.lr, clip_mult=args.clip_mult, model="lenet(16,32)",
                      dataset="fashion_mnist", test_size=args.test_size).items():
         df[k] = v
+    if args.momentum_all_clients:  # a column only away from the default (the stored table)
+        df["momentum_clients"] = "all"
     write_table(df, args.out, {**run_metadata(), "steps": str(args.steps)})
     print("wrote", args.out)
 

@@ -3,8 +3,21 @@
 Breast-cancer Wisconsin (scikit-learn's bundled copy, 569 samples, 30 features, standardised, plus
 an intercept column), f(x) = mean log(1 + exp(-s_j a_j^T x)) + 0.01/2 ||x||^2, 15 honest + 5
 Byzantine clients that each hold the full data, coordinate-wise median with bucketing (s = 2),
-shift-back attack (mult 2), minibatch b = 32, p = b/m, 20% participation (C = 4, C_hat = n).
+shift-back attack, minibatch b = 32, p = b/m, 20% participation (C = 4, C_hat = n).
 The reference optimum f* comes from float64 L-BFGS followed by Newton steps.
+
+Defaults (the stored results/logreg.parquet): stepsizes {0.5, 0.1}, shift-back multiplier 2 (the
+authors' MNIST script's form, a reflection through x^0), full rounds with probability p = b/m.
+Options (also as keys of a TOML file, --config experiments/marina_pp/configs/*.toml):
+  --lrs 0.1,0.01,0.001           the paper's stepsize grid (run_scripts/a9a-pp.sh)
+  --shift-back-mult lr           the a9a script's shift-back (multiplier='lr': the Byzantine
+                                 aggregate is x - x^0, the server moves by gamma (x^0 - x))
+  --schedule a9a [--epoch-rounds E]
+                                 the a9a script's full round at the start of every epoch of E
+                                 rounds (default E = ceil(m/b) = 18) instead of Bernoulli(p)
+  --p P                          the full-round probability of the coin schedule (default b/m)
+  --blocks a,b,...               which configurations to run (see BLOCKS)
+  --check                        build and validate everything, print the plan, run nothing
 
 Every static configuration is one compiled program, vmapped over seeds and over the numeric
 hyper-parameters it sweeps (stepsize, clipping multiplier, number of Byzantine clients).
@@ -35,6 +48,8 @@ from jbyz.algorithms import marina as M  # noqa: E402
 from jbyz.compression import randk  # noqa: E402
 from jbyz.preaggregators import bucketing  # noqa: E402
 from jbyz.results import run_metadata, write_table  # noqa: E402
+
+from config_file import parse_args  # noqa: E402  (experiments/marina_pp/config_file.py)
 
 HERE = Path(__file__).resolve().parent
 REG = 0.01
@@ -77,12 +92,41 @@ def reference_optimum(a, y):
     return f, w, float(np.linalg.norm(g))
 
 
-def configs():
-    """(name, MarinaConfig kwargs, list of param dicts)."""
+DEFAULT_LRS = (0.5, 0.1)
+PAPER_LRS = (0.1, 0.01, 0.001)  # run_scripts/a9a-pp.sh of the authors' repository
+# Block key -> configuration name (the name is the results' `config` column: keep it stable).
+BLOCKS = {
+    "pp_clip": "PP, clipping",
+    "pp_noclip": "PP, no clipping",
+    "marina": "Byz-VR-MARINA (full participation)",
+    "pp_plus": "PP+, clipping",
+    "mnist_schedule": "PP, clipping, code quirks (p=0, threshold alpha*|g|)",
+    "randk": "PP, clipping, RandK K=8",
+    "code_threshold": "PP, clipping, threshold alpha*|g| (a9a-pp.sh clip-mult grid)",
+}
+DEFAULT_BLOCKS = ("pp_clip", "pp_noclip", "marina", "pp_plus", "mnist_schedule", "randk")
+
+
+def parse_mult(text):
+    """``"lr"`` (the a9a script's shift-back multiplier) or a float (2: the MNIST script's)."""
+    return "lr" if str(text).strip() == "lr" else float(text)
+
+
+def configs(lrs=DEFAULT_LRS, shift_back_mult=2.0, full_round_every=None, blocks=DEFAULT_BLOCKS):
+    """(name, MarinaConfig kwargs, list of param dicts) for the selected blocks.
+
+    ``mnist_schedule`` is the MNIST script's schedule (no full round after g^0) with the code's
+    radius alpha ||g^k||; it cannot be combined with ``full_round_every`` (the a9a script's).
+    """
+    unknown = [b for b in blocks if b not in BLOCKS]
+    if unknown:
+        raise ValueError(f"unknown blocks {unknown}; known: {', '.join(BLOCKS)}")
     cm = AGGREGATORS.build("median")
     base = dict(num_clients=N_CLIENTS, aggregator=cm, preaggregators=(bucketing(2),),
-                attack=M.shift_back(2.0))
-    lrs = (0.5, 0.1)
+                attack=M.shift_back(shift_back_mult))
+    if full_round_every is not None:
+        base["full_round_every"] = int(full_round_every)
+    lrs = tuple(lrs)
     pp = dict(base, clients_per_round=4, clients_full_round=N_CLIENTS)
     out = [
         ("PP, clipping", dict(pp, clip=True),
@@ -99,8 +143,14 @@ def configs():
          [dict(lr=lr, alpha=lr, f_real=F_REAL) for lr in lrs]),
         ("PP, clipping, RandK K=8", dict(pp, clip=True, compressor=randk(k=8)),
          [dict(lr=lr, alpha=al, f_real=F_REAL) for lr in lrs for al in (1.0, 4.0)]),
+        # run_a9a.py's clipping: radius clip_mult * ||g^k|| (code/simulator.py line 99) with
+        # a9a-pp.sh's clip-mult values; under --schedule a9a this is the script's whole method.
+        (BLOCKS["code_threshold"], dict(pp, clip=True, threshold="aggregate"),
+         [dict(lr=lr, alpha=al, f_real=fr) for lr in lrs for al in (0.1, 1.0, 10.0, 100.0)
+          for fr in (F_REAL, 0)]),
     ]
-    return out
+    names = {BLOCKS[b] for b in blocks}
+    return [c for c in out if c[0] in names]
 
 
 def main():
@@ -108,17 +158,56 @@ def main():
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--record-every", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--lrs", default=",".join(str(v) for v in DEFAULT_LRS),
+                    help=f"stepsizes, comma-separated (the paper's: {PAPER_LRS})")
+    ap.add_argument("--shift-back-mult", default="2", type=parse_mult,
+                    help="'lr' (a9a script) or a number (2: MNIST script, the default)")
+    ap.add_argument("--schedule", default="coin", choices=("coin", "a9a"),
+                    help="full rounds: Bernoulli(p) (Alg. 1) or the a9a script's epoch starts")
+    ap.add_argument("--epoch-rounds", type=int, default=0,
+                    help="rounds per epoch for --schedule a9a (0: ceil(m/b))")
+    ap.add_argument("--p", type=float, default=0.0, help="full-round probability (0: b/m)")
+    ap.add_argument("--blocks", default=",".join(DEFAULT_BLOCKS),
+                    help=f"configurations to run, from {', '.join(BLOCKS)}")
+    ap.add_argument("--out", default=str(HERE / "results" / "logreg.parquet"))
+    ap.add_argument("--check", action="store_true", help="validate and print the plan only")
+    args = parse_args(ap)
+    lrs = tuple(float(v) for v in args.lrs.split(","))
+    blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
+    if args.epoch_rounds < 0 or (args.epoch_rounds and args.schedule != "a9a"):
+        ap.error("--epoch-rounds needs --schedule a9a and a value >= 1")
+    if not 0.0 <= args.p <= 1.0:
+        ap.error(f"--p must be in [0, 1]; got {args.p}")
+    if args.p and args.schedule != "coin":
+        ap.error("--p is the coin schedule's probability; --schedule a9a does not use it")
 
     a, y = load_problem()
     m = len(y)
+    period = None
+    if args.schedule == "a9a":
+        period = args.epoch_rounds or -(-m // BATCH)  # run_a9a.py: one epoch = ceil(m/b) batches
+    try:
+        plan = configs(lrs, args.shift_back_mult, period, blocks)
+        for name, kw, plist in plan:
+            M.MarinaConfig(num_steps=args.steps, **kw)
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        ap.error(str(e))
+    p = args.p or BATCH / m
+    sched = f"full round every {period} rounds" if period else f"p = {p:.4g}"
+    print(f"{len(plan)} configurations, stepsizes {lrs}, shift-back mult "
+          f"{args.shift_back_mult!r}, {sched}, {args.steps} rounds x {args.seeds} seeds "
+          f"-> {args.out}")
+    for name, kw, plist in plan:
+        print(f"  {name}: {len(plist)} points")
+    if args.check:
+        return
+
     f_star, w_star, gnorm = reference_optimum(a, y)
     lip = np.linalg.eigvalsh(a.T @ a / m).max() / 4 + REG
     print(f"m={m} d={a.shape[1]} f*={f_star:.15f} |grad f(w*)|={gnorm:.2e} L={lip:.3f}")
     idx = np.tile(np.arange(m, dtype=np.int32), (N_CLIENTS, 1))  # every client: full data
     aj, yj = jnp.asarray(a), jnp.asarray(y)
     oracle = M.finite_sum_oracle(loss, aj, yj, idx, BATCH, num_classes=2)
-    p = BATCH / m
 
     def metric(w):
         return {"loss": loss(w, aj, yj)}
@@ -127,7 +216,7 @@ def main():
     x0 = jnp.zeros(a.shape[1], jnp.float64)
     keys = jax.random.split(jax.random.key(20241), args.seeds)
     t_all = time.time()
-    for name, kw, plist in configs():
+    for name, kw, plist in plan:
         cfg = M.MarinaConfig(num_steps=args.steps, **kw)
         run = M.build_run(cfg, oracle, metric)
         P = M.MarinaParams(
@@ -165,9 +254,15 @@ def main():
     print(f"total {time.time() - t_all:.0f} s")
     df = pd.DataFrame(rows)
     df["n_clients"], df["b"], df["p"], df["f_star"] = N_CLIENTS, BATCH, p, f_star
+    # Columns for the options, only away from their defaults (the stored table has none).
+    if period is not None:
+        df["p"] = np.nan
+        df["full_round_every"] = period
+    if args.shift_back_mult != 2.0:
+        df["shift_back_mult"] = str(args.shift_back_mult)
     meta = {**run_metadata(), "f_star": repr(f_star), "L": repr(lip), "steps": str(args.steps)}
-    write_table(df, HERE / "results" / "logreg.parquet", meta)
-    print("wrote", HERE / "results" / "logreg.parquet")
+    write_table(df, args.out, meta)
+    print("wrote", args.out)
 
 
 if __name__ == "__main__":

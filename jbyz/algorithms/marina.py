@@ -30,9 +30,24 @@ Variants (:class:`MarinaConfig`):
   clipping.
 * ``full_gradients=False``: the variant without full gradients (Alg. 4/5): in ``c_k = 1`` rounds
   the clients send a ``b'``-minibatch gradient (``oracle.big_batch_grad``).
-* Code quirks, off by default: ``force_p_zero=True`` (the public code sets ``p = 0`` after the
-  first round) and ``threshold="aggregate"`` (``lambda_{k+1} = alpha ||g^k||``, relative to the
-  previous aggregate instead of ``alpha ||x^{k+1} - x^k|| = alpha gamma ||g^k||``).
+* The authors' scripts (github.com/SamuelHorvath/VR_Byzantine, branch ``partial_participation``),
+  off by default:
+
+  - ``full_round_every=E``: the a9a script's schedule. ``code/run_a9a.py`` sets
+    ``RandomNumber.full_grad_prob = 0.`` (line 318) and ``RandomNumber.full_grad = True`` at the
+    start of every epoch (line 334), so the first round of each epoch is a full-gradient,
+    full-participation round and no other is; an epoch is
+    ``min(ceil(m / b), max_batches)`` rounds (``max_batches`` defaults to 1000 in
+    ``code/opts.py``; 1000 rounds for a9a with ``-b 32``, so about ``p = b/m``). Round ``k`` here
+    (``x^{k+1}``) is the script's round ``k + 1`` (its round 0 is our ``g^0``), so ``c_k = 1``
+    iff ``(k + 1) % E == 0``; ``p`` is then not used.
+  - ``force_p_zero=True``: the MNIST script's schedule (``code/run_mnist.py`` lines 360-363:
+    ``full_grad`` is True only in the first round of epoch 1 and the probability is 0), i.e. no
+    full round after ``g^0``. That script trains momentum SGD, not MARINA; the a9a script does
+    not do this.
+  - ``threshold="aggregate"``: ``lambda_{k+1} = alpha ||g^k||`` (``code/simulator.py`` line 99,
+    ``clip_mult * ||last_gradient||``, shared by both scripts), relative to the previous
+    aggregate instead of ``alpha ||x^{k+1} - x^k|| = alpha gamma ||g^k||``.
 
 The run is a pure function (``lax.scan`` over rounds) of ``(x0, params, key)``:
 :class:`MarinaParams` holds everything numeric (``lr``, ``p``, ``alpha``, ``f_real``, ``f``), so a
@@ -92,7 +107,7 @@ __all__ = [
 # Shift-back attack
 
 
-def shift_back(mult=2.0, otherwise: str = "mean") -> Attack:
+def shift_back(mult: Any = 2.0, otherwise: str = "mean") -> Attack:
     r"""Shift-back (SHB): a Byzantine majority of the sampled clients pulls the model back to ``x^0``.
 
     If the Byzantine rows are a strict majority of the participating rows
@@ -101,9 +116,22 @@ def shift_back(mult=2.0, otherwise: str = "mean") -> Attack:
     .. math:: v = \frac{\text{mult}}{\gamma}\,(x - x^0) - r ,
 
     so that a server whose aggregate is ``r + v`` and which steps ``x - gamma (r + v)`` lands on
-    ``x - mult (x - x^0)``: ``mult = 1`` returns to ``x^0`` exactly, ``mult = 2`` (the reference
-    code) reflects the model through ``x^0``. ``r`` is the vector the server adds back (the
-    previous aggregate ``g^k`` in MARINA's compressed rounds; 0 when the messages are gradients).
+    ``x - mult (x - x^0)``. ``r`` is the vector the server adds back (the previous aggregate
+    ``g^k`` in MARINA's compressed rounds; 0 when the messages are gradients). This is the rule
+    of the authors' ``code/attacks/shiftback.py`` (lines 42-48 on the ``partial_participation``
+    branch of SamuelHorvath/VR_Byzantine: the attacker's gradient is
+    ``mult / lr * (current model - initial model)``), written for a server that adds ``r`` back.
+    The multiplier differs between the authors' scripts:
+
+    * ``mult="lr"``: **the a9a script's form** (``code/run_a9a.py`` line 216,
+      ``multiplier='lr'``, so ``mult / lr = 1``): the Byzantine aggregate is ``x - x^0`` and the
+      server moves by ``gamma (x^0 - x)``, a fraction ``gamma`` of the way back to ``x^0``. This
+      is the form of the logistic-regression experiments (the paper's a9a runs).
+    * ``mult=2.0`` (default, kept so that existing results do not change): **the MNIST script's
+      form** (``code/run_mnist.py`` line 209, ``multiplier=2.``): the model is reflected through
+      ``x^0`` (``x -> 2 x^0 - x``).
+    * ``mult=1.0`` returns to ``x^0`` exactly (no script uses it).
+
     Otherwise the Byzantine clients act honestly: they send the mean of the honest rows
     (``otherwise="mean"``, the reference code) or their own honest row (``"own"``).
 
@@ -111,17 +139,28 @@ def shift_back(mult=2.0, otherwise: str = "mean") -> Attack:
     (flat ``[d]``), ``lr`` (``gamma``) and optionally ``reference`` (``r``, default 0).
 
     Args:
-      mult: the multiplier (float or traced; default 2 as ``code/attacks/shiftback.py``).
+      mult: the multiplier: a float (or traced scalar), or the string ``"lr"`` (the a9a
+        script's ``multiplier='lr'``: ``mult = gamma``, i.e. ``v = (x - x^0) - r``).
       otherwise: ``"mean"`` or ``"own"``.
 
     Returns:
       An :class:`~jbyz.types.Attack`.
 
+    Raises:
+      ConfigError: ``mult`` is a string other than ``"lr"``, or ``otherwise`` is unknown.
+
     Reference:
-      Malinovsky et al., NeurIPS 2024, §5 and appendix H (shift-back attack).
+      Malinovsky et al., NeurIPS 2024, §5 and appendix H (shift-back attack); the authors' code,
+      github.com/SamuelHorvath/VR_Byzantine (branch ``partial_participation``).
     """
     if otherwise not in ("mean", "own"):
         raise ConfigError(f"shift_back: otherwise must be 'mean' or 'own'; got {otherwise!r}.")
+    if isinstance(mult, str) and mult != "lr":
+        raise ConfigError(
+            "shift_back: mult must be a number or 'lr' (the a9a script's multiplier); "
+            f"got {mult!r}."
+        )
+    lr_form = isinstance(mult, str)
 
     def apply(x, honest, byz, key, state, ctx):
         del key
@@ -133,7 +172,8 @@ def shift_back(mult=2.0, otherwise: str = "mean") -> Attack:
         ref = jnp.asarray(ctx.get("reference", 0.0), jnp.float32)
         lr = jnp.asarray(ctx["lr"], jnp.float32)
         majority = jnp.sum(byz.astype(jnp.int32)) > jnp.sum(honest.astype(jnp.int32))
-        target = jnp.asarray(mult, jnp.float32) / lr * (xk - x0) - ref
+        scale = jnp.float32(1.0) if lr_form else jnp.asarray(mult, jnp.float32) / lr
+        target = scale * (xk - x0) - ref
         if otherwise == "mean":
             fallback, _ = honest_mean_std(x, honest, with_std=False)
             fallback = jnp.broadcast_to(fallback, x.shape)
@@ -267,8 +307,12 @@ class MarinaConfig:
       clip: clip the messages of compressed rounds (``variant="marina"`` never clips).
       full_gradients: ``False`` selects the variant without full gradients (Alg. 4/5).
       threshold: ``"step"`` (``alpha ||x^{k+1} - x^k||``, paper) or ``"aggregate"``
-        (``alpha ||g^k||``, the code's quirk).
-      force_p_zero: the code's quirk: no full rounds after ``g^0`` whatever ``p``.
+        (``alpha ||g^k||``, the authors' ``code/simulator.py``).
+      force_p_zero: the MNIST script's schedule: no full rounds after ``g^0`` whatever ``p``.
+      full_round_every: ``None`` (default): ``c_k ~ Bernoulli(p)`` (Alg. 1). An int ``E >= 1``:
+        the a9a script's schedule, a full round at the start of every epoch of ``E`` rounds
+        (``c_k = 1`` iff ``(k + 1) % E == 0``, ``p`` unused); for a finite sum with ``m`` samples
+        per client and batch ``b`` the script's epoch is ``min(ceil(m / b), 1000)`` rounds.
     """
 
     num_clients: int
@@ -284,6 +328,7 @@ class MarinaConfig:
     full_gradients: bool = True
     threshold: str = "step"
     force_p_zero: bool = False
+    full_round_every: int | None = None
 
     def __post_init__(self):
         if self.variant not in ("pp", "pp_plus", "marina"):
@@ -294,6 +339,18 @@ class MarinaConfig:
             raise ConfigError(
                 f"marina: threshold must be 'step' or 'aggregate'; got {self.threshold!r}."
             )
+        e = self.full_round_every
+        if e is not None:
+            if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1:
+                raise ConfigError(
+                    f"marina: full_round_every must be None or an int >= 1 (rounds per epoch); "
+                    f"got {e!r}."
+                )
+            if self.force_p_zero:
+                raise ConfigError(
+                    "marina: full_round_every (the a9a script's epoch-start full rounds) and "
+                    "force_p_zero (the MNIST script's single full round) exclude each other."
+                )
         n = self.num_clients
         c, ch = self.sizes
         if not 1 <= c <= ch <= n:
@@ -466,8 +523,11 @@ def step(
     rk = round_keys(key, k)
     x, g = state.x, state.g
     dtype = x.dtype
-    coin = jax.random.bernoulli(rk.coin, params.p)
-    full = coin & (not config.force_p_zero)
+    if config.full_round_every is not None:  # the a9a script: first round of every epoch
+        full = (k + 1) % config.full_round_every == 0
+    else:
+        coin = jax.random.bernoulli(rk.coin, params.p)
+        full = coin & (not config.force_p_zero)
     x_new = x - params.lr.astype(dtype) * g
     if config.threshold == "step":
         radius = params.alpha * jnp.sqrt(jnp.sum(jnp.square(x_new - x))).astype(jnp.float32)

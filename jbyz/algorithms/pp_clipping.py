@@ -55,6 +55,7 @@ __all__ = [
     "PPClippingState",
     "clip_deviations",
     "clip_rows",
+    "client_momentum",
     "pp_clipping",
     "with_preaggregation",
 ]
@@ -69,6 +70,53 @@ def clip_rows(x: Array, radius, valid: Array | None = None) -> Array:
     x = jnp.asarray(x, jnp.float32)
     valid = jnp.ones(x.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
     return preagg.clip_rows(x, preagg.row_norms(x, valid), jnp.asarray(radius, jnp.float32), valid)
+
+
+def client_momentum(momenta, grads, clients, beta, *, all_clients: bool = False):
+    r"""Each client's sum-form momentum ``m_i <- beta m_i + g_i`` under partial participation.
+
+    ``momenta [n, d]`` holds every client's buffer (zeros before its first update, so the first
+    update gives ``m_i = g_i``, as PyTorch's first ``momentum_buffer``). Two rules:
+
+    * ``all_clients=False``: only the sampled ``clients [C]`` compute a gradient and update their
+      buffer; ``grads [C, d]`` are theirs (row ``j`` for client ``clients[j]``).
+    * ``all_clients=True``: the authors' code (github.com/SamuelHorvath/VR_Byzantine, branch
+      ``partial_participation``: ``code/simulator.py`` lines 152-155 call
+      ``compute_gradient`` on every worker each round, ``subset=None``, and
+      ``MomentumWorker._save_grad`` in ``code/worker.py`` lines 141-150 updates the buffer there):
+      every client's buffer moves each round, sampled or not; ``grads [n, d]`` are all clients'.
+
+    Args:
+      momenta: ``[n, d]`` buffers.
+      grads: ``[C, d]`` (sampled clients) or ``[n, d]`` (``all_clients=True``).
+      clients: ``[C]`` int, the sampled client ids.
+      beta: the momentum coefficient.
+      all_clients: see above.
+
+    Returns:
+      ``(new_momenta [n, d], messages [C, d])``: the messages are the sampled clients' updated
+      buffers ``new_momenta[clients]``.
+
+    Raises:
+      ValueError: ``grads`` does not have one row per sampled client (``all_clients=False``)
+        or per client (``all_clients=True``).
+    """
+    momenta = jnp.asarray(momenta)
+    grads = jnp.asarray(grads)
+    clients = jnp.asarray(clients, jnp.int32)
+    n, c = momenta.shape[0], clients.shape[0]
+    want = n if all_clients else c
+    if grads.shape != (want,) + momenta.shape[1:]:
+        who = f"all {n} clients" if all_clients else f"the {c} sampled clients"
+        raise ValueError(
+            f"client_momentum: all_clients={all_clients} needs grads of shape "
+            f"{(want,) + tuple(momenta.shape[1:])} ({who}); got {tuple(grads.shape)}."
+        )
+    if all_clients:
+        new = beta * momenta + grads
+    else:
+        new = momenta.at[clients].set(beta * momenta[clients] + grads)
+    return new, new[clients]
 
 
 def with_preaggregation(
