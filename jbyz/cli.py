@@ -143,7 +143,7 @@ def _cmd_run(args) -> int:
     opts = {}
     if args.skip_invalid:
         opts["invalid"] = "skip"
-    for k in ("devices", "runs_per_call", "vmap_width"):
+    for k in ("devices", "runs_per_call", "vmap_width", "compile_cache"):
         if getattr(args, k) is not None:
             opts[k] = getattr(args, k)
     run_experiment(args.config, args.out, progress=not args.no_progress, options=opts,
@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", type=int, help="devices on the runs mesh axis (default: all)")
     s.add_argument("--runs-per-call", type=int, help="runs per batch (the unit of saving/resuming)")
     s.add_argument("--vmap-width", type=int, help="runs vectorised together (default: auto)")
+    s.add_argument("--compile-cache", metavar="DIR|off",
+                   help="JAX's persistent compilation cache: a directory, 'off' or 'on' (default: "
+                        "$JBYZ_COMPILE_CACHE, else a per-user directory such as ~/.cache/jbyz/jax; "
+                        "the run's first line says which)")
     s.add_argument("--coordinator", help="multi-process: address:port of process 0")
     s.add_argument("--num-processes", type=int, help="multi-process: number of processes")
     s.add_argument("--process-id", type=int, help="multi-process: this process's index")

@@ -68,6 +68,9 @@ class GridOptions:
       group_by: extra fields that split groups although they could share a program, e.g.
         ``["f_real"]``: runs with more Byzantine workers then skip more gradient rows (a group
         computes gradients for ``n_max - min(f_real)`` slots), at the cost of more compilations.
+      compile_cache: JAX's persistent compilation cache while :func:`run_grid` runs: a
+        directory, ``"off"``, or ``"on"``; ``None``: ``$JBYZ_COMPILE_CACHE``, else the per-user
+        default (:mod:`jbyz.compile_cache`).
     """
 
     invalid: str = "error"
@@ -77,6 +80,7 @@ class GridOptions:
     devices: int | None = None
     memory_budget_gb: float | None = None
     group_by: tuple = ()
+    compile_cache: str | bool | None = None
 
     def __post_init__(self):
         from jbyz.config import FIELDS
@@ -91,6 +95,10 @@ class GridOptions:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{k} must be a positive integer or omitted, got {v!r}")
+        if self.compile_cache is not None:
+            from jbyz.compile_cache import parse
+
+            parse(self.compile_cache, "compile_cache")  # a clear error now, not after compiling
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "GridOptions":
@@ -476,7 +484,21 @@ def run_grid(configs: Sequence[RunConfig], out_dir: str | Path, options: GridOpt
     Returns:
       A pandas DataFrame, one row per (run, evaluation step), every config field a column
       (``None`` on processes other than 0 of a multi-process job: process 0 writes the table).
+
+    JAX's persistent compilation cache is on for the call (``options.compile_cache``, else
+    ``$JBYZ_COMPILE_CACHE``, else a per-user directory: :mod:`jbyz.compile_cache`); the first
+    log line says where it is. JAX's own settings are restored on return.
     """
+    from jbyz import compile_cache
+
+    options = options or GridOptions()
+    with compile_cache.enabled(options.compile_cache, log=log):
+        return _run_grid(configs, out_dir, options, progress=progress, log=log,
+                         table_configs=table_configs)
+
+
+def _run_grid(configs, out_dir, options, *, progress, log, table_configs):
+    """:func:`run_grid` inside its compile-cache context."""
     import pandas as pd
     from tqdm.auto import tqdm
 

@@ -246,3 +246,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _slow(item.nodeid):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_in_tmp(tmp_path_factory):
+    """The grid runner's persistent compilation cache (on by default, in the user's home) goes to
+    a directory of this session instead, whatever the caller's environment says; subprocesses
+    (``jbyz run`` in tests) inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JBYZ_COMPILE_CACHE", str(tmp_path_factory.mktemp("jax_compile_cache")))
+        yield
