@@ -4,7 +4,8 @@ is the fast tier for the edit loop.
 A test is slow when its file marks it ``@pytest.mark.slow`` (end-to-end runs, notebooks,
 multi-process grids), or when it is listed in ``SLOW`` below: the tests and parametrized cases
 that took 3 s or more (setup included) in ``python -m pytest FILE --durations=0`` on the 2-core
-development machine, mostly compilations of the heavier kernels and training runs. An entry is
+development machine, and those of 2 s or more in a run of the fast tier itself; mostly
+compilations of the heavier kernels, training runs and subprocesses. An entry is
 ``file::test`` (every case) or ``file::test[case`` (the cases whose id starts so). Mark a new
 slow test in its file; ``tests/test_tiers.py`` checks that every entry still names a test.
 """
@@ -225,6 +226,49 @@ SLOW = (
     "test_transforms.py::test_worker_momentum_ema[gradient]",
     # tests/test_user_facing_text.py
     "test_user_facing_text.py::test_jbyz_list_stands_alone",
+    # the heaviest left in a first run of the fast tier (>= 2 s, while other work ran)
+    "test_compile_cache.py::test_second_run_loads_from_cache_with_identical_results",
+    "test_compile_cache.py::test_import_jbyz_does_not_enable_the_cache",
+    "test_aggregator_conformance.py::test_jit_equals_eager[clipped_clustering]",
+    "test_aggregators_extra.py::test_clipped_clustering_history_window",
+    "test_aggregators_extra.py::test_reverse_mode_gradient_is_finite[clipped_clustering]",
+    "test_aggregators_extra.py::test_reverse_mode_gradient_is_finite[signguard]",
+    "test_docs.py::test_running_page_code_runs",
+    "test_aggregator_conformance.py::test_jit_equals_eager[signguard]",
+    "test_aggregators.py::test_nonfinite_byzantine_rows_follow_the_policy",
+    "test_readme.py::test_readme_claim_mean_diverges",
+    "test_attacks.py::test_conformance[gaussian-centered=True]",
+    "test_attacks.py::test_gaussian_statistics_and_key_derivation[True]",
+    "test_aggregators_extra.py::test_equals_peer_output[clipped_clustering-Clippedclustering(linkage='average'),",
+    "test_aggregators_extra.py::test_equals_peer_output[clipped_clustering-Clippedclustering(linkage='single'),",
+    "test_aggregator_conformance.py::test_vmap_over_configs_equals_loop[clipped_clustering]",
+    "test_aggregators_extra.py::test_equals_peer_output[clipped_clustering-Clippedclustering(linkage='average'),",
+    "test_aggregators_extra.py::test_reverse_mode_gradient_is_finite[smea]",
+    "test_aggregators_extra.py::test_caf_removes_far_outliers_and_is_the_mean_at_f0",
+    "test_dm_options.py::test_authors_krum_and_bulyan_equal_brute_force[11-4-1]",
+    "test_aggregator_conformance.py::test_permutation_invariance[clipped_clustering]",
+    "test_aggregator_conformance.py::test_padding_and_mask_invariance[smea]",
+    "test_aggregators_extra.py::test_caf_byzfl_scope_equals_numpy_when_its_loop_ends_within_iters",
+    "test_aggregator_conformance.py::test_jit_equals_eager[dstar]",
+    "test_attacks.py::test_alie_z_spec_values_host_and_traced",
+    "test_attacks.py::test_alie_matches_numpy[baruch-minus-7-0]",
+    "test_transforms.py::test_worker_momentum_ema[zero]",
+    "test_aggregator_conformance.py::test_f_zero[bulyan]",
+    "test_aggregator_conformance.py::test_vmap_over_configs_equals_loop[signguard]",
+    "test_attacks.py::test_docstring_examples",
+    "test_aggregator_conformance.py::test_f_zero[caf]",
+    # and of a second run (>= 2 s)
+    "test_aggregator_conformance.py::test_padding_and_mask_invariance[clipped_clustering]",
+    "test_transforms.py::test_worker_momentum_sum_nesterov_and_valid_mask",
+    "test_pp_clipping.py::test_equals_aggregator_of_clipped_deviations_plus_reference[multi_krum]",
+    "test_pp_clipping.py::test_equals_aggregator_of_clipped_deviations_plus_reference[mean]",
+    "test_doctests.py::test_module_doctests[jbyz.algorithms.pp_clipping]",
+    "test_dropin.py::test_one_num_workers_message[attack]",
+    "test_dstar.py::test_brute_force_can_tell_the_options_apart",
+    "test_dropin.py::test_one_num_workers_message[clip]",
+    "test_pp_clipping.py::test_equals_aggregator_of_clipped_deviations_plus_reference[monna]",
+    "test_attacks.py::test_alie_matches_numpy[baruch-minus-6-3]",
+    "test_aggregator_conformance.py::test_pre_jit_equals_eager_and_vmap_equals_loop[clip]",
     # tests sharing a module fixture with the slow ones above (it would be built for them alone)
     "test_grid.py::test_results_table_has_every_field_and_metadata",
     "test_grid.py::test_parts_from_another_version_are_refused",
