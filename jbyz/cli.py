@@ -115,8 +115,12 @@ def run_experiment(config_path, out_dir=None, progress=True, quiet=False, option
     summary.to_csv(out / "summary.csv", index=False)
     hue = "aggregator" if table["aggregator"].nunique() > 1 else "attack"
     col = "attack" if table["attack"].nunique() > 1 and hue != "attack" else None
+    # a third field that varies (e.g. where the momentum lives) gets its own line style
+    style = next((f for f in ("momentum_at", "preaggregators", "nesterov", "f_real", "lr",
+                              "batch_size") if f in table and table[f].astype(str).nunique() > 1
+                  and table[f].astype(str).nunique() <= 4), None)
     plots.accuracy_curves(table, hue=hue, col=col, path=out / "accuracy.png",
-                          title=Path(config_path).stem)
+                          title=Path(config_path).stem, style=style)
     if not quiet:
         import pandas as pd
 

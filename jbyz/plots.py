@@ -48,35 +48,53 @@ def accuracy_curves(
     metric: str = "test_accuracy",
     path: str | Path | None = None,
     title: str | None = None,
+    style: str | None = None,
 ):
     """Plots ``metric`` against ``step``: one line per ``hue`` value, one panel per ``col`` value.
 
     Lines are means over the rows sharing (hue, col, step) (seeds and any other axes); the shaded
-    band spans their min and max. Returns the matplotlib figure; writes it to ``path`` if given.
+    band spans their min and max. With ``style`` (a second field, e.g. ``momentum_at``), each
+    of its values gets its own line style, in the colour of its ``hue``. Returns the matplotlib
+    figure; writes it to ``path`` if given.
     """
     plt = _mpl()
     df = _labelled(df, hue, col)
     cols = [None] if col is None or col not in df else list(dict.fromkeys(df[col]))
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.9), sharey=True, squeeze=False,
+                             layout="constrained")
     hues = list(dict.fromkeys(df[hue])) if hue in df else [None]
+    styles = list(dict.fromkeys(df[style].astype(str))) if style is not None and style in df else [None]
+    dashes = ["-", "--", ":", "-."]
     cmap = plt.get_cmap("tab10" if len(hues) <= 10 else "tab20")
     for ax, c in zip(axes[0], cols):
         sub = df if c is None else df[df[col] == c]
         for i, h in enumerate(hues):
-            s = sub if h is None else sub[sub[hue] == h]
-            if s.empty:
-                continue
-            g = s.groupby("step")[metric].agg(["mean", "min", "max"]).reset_index()
-            ax.plot(g["step"], g["mean"], label=str(h), color=cmap(i), lw=1.6)
-            ax.fill_between(g["step"], g["min"], g["max"], color=cmap(i), alpha=0.15, lw=0)
+            for j, st in enumerate(styles):
+                s = sub if h is None else sub[sub[hue] == h]
+                if st is not None:
+                    s = s[s[style].astype(str) == st]
+                if s.empty:
+                    continue
+                g = s.groupby("step")[metric].agg(["mean", "min", "max"]).reset_index()
+                label = str(h) if st is None else f"{h}, {style} = {st}"
+                ax.plot(g["step"], g["mean"], label=label, color=cmap(i), lw=1.6,
+                        ls=dashes[j % len(dashes)])
+                ax.fill_between(g["step"], g["min"], g["max"], color=cmap(i), alpha=0.15, lw=0)
         ax.set_xlabel("step")
         ax.set_title(f"{col} = {c}" if c is not None else (title or ""), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric.replace("_", " "))
-    axes[0][-1].legend(title=hue, fontsize=8, title_fontsize=9, loc="lower right")
+    # below the panels, where it hides no curve
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a label missing from the first panel
+        for hd, lb in zip(*ax.get_legend_handles_labels()):
+            if lb not in labels:
+                handles.append(hd)
+                labels.append(lb)
+    fig.legend(handles, labels, title=hue, fontsize=8, title_fontsize=9, loc="outside lower center",
+               ncol=min(len(labels), 3 if len(styles) > 1 else 6))
     if title and cols != [None]:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150)

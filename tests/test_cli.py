@@ -72,10 +72,15 @@ def test_quickstart_main_job_end_to_end(tmp_path):
     out = tmp_path / "qs"
     table = cli.run_experiment(ROOT / "experiments" / "quickstart.toml", out, progress=False, quiet=True)
     s = results.summarize(table)
-    acc = {(r.aggregator, r.attack): r.final_mean for r in s.itertuples()}
-    assert acc[("mean", "none")] > 0.9
-    assert acc[("mean", "sign_flip")] < 0.3          # the attack hurts the mean ...
-    assert acc[("median", "sign_flip")] > 0.85       # ... and a robust rule holds
+    acc = {(r.aggregator, r.attack, r.momentum_at): r.final_mean for r in s.itertuples()}
+    for at in ("server", "worker"):
+        assert acc[("mean", "none", at)] > 0.9
+        assert acc[("mean", "sign_flip", at)] < 0.3      # bit flipping defeats the mean ...
+        assert acc[("median", "sign_flip", at)] > 0.85   # ... and a robust rule holds
+    for rule in ("median", "krum"):  # ALIE slips past the robust rules at the server ...
+        assert acc[(rule, "alie", "server")] < acc[("mean", "none", "server")] - 0.04
+        # ... and momentum at the workers recovers
+        assert acc[(rule, "alie", "worker")] > acc[(rule, "alie", "server")] + 0.03
 
 
 def test_only_filters_runs_and_explains_misses():
