@@ -27,8 +27,7 @@ def _inputs(seed=0):
     return x, ref
 
 
-# FLTrust cannot run without the server's reference update, and clip_deviations' own
-# ``reference=`` keyword (the previous aggregate) shadows it: left out here.
+# FLTrust cannot run without the server's reference update (tested below).
 @pytest.mark.parametrize("name", [n for n in AGGREGATORS.names() if n != "fltrust"])
 def test_equals_aggregator_of_clipped_deviations_plus_reference(name):
     """out = ref + Agg(clip_lambda(x_i - ref)) for every registry rule, same key and state."""
@@ -42,7 +41,7 @@ def test_equals_aggregator_of_clipped_deviations_plus_reference(name):
     y = _np_clip(x.astype(np.float64) - ref, radius).astype(np.float32)
 
     def both(x, y):
-        out, new_state = wrapped(x, valid, F, key, wrapped.init(N, D), reference=ref,
+        out, new_state = wrapped(x, valid, F, key, wrapped.init(N, D), center=ref,
                                  radius=radius)
         want, _ = agg(y, valid, F, key, agg.init(N, D))
         return out, new_state, want
@@ -69,7 +68,7 @@ def test_byzantine_majority_is_bounded_by_radius():
     for name in ("median", "krum"):
         agg = AGGREGATORS.build(name)
         wrapped = clip_deviations(agg)
-        out, _ = wrapped(x, jnp.ones(N, bool), F, jax.random.key(0), reference=ref, radius=0.5)
+        out, _ = wrapped(x, jnp.ones(N, bool), F, jax.random.key(0), center=ref, radius=0.5)
         assert np.all(np.isfinite(out))
         assert np.linalg.norm(np.asarray(out) - ref) <= np.sqrt(N) * 0.5 + 1e-4
         plain, _ = agg(jnp.asarray(x), jnp.ones(N, bool), F, jax.random.key(0))
@@ -107,12 +106,12 @@ def test_with_bucketing_and_padding_invariance():
 
     @jax.jit
     def all_of_it(x, y, xp):
-        out, _ = wrapped(x, ones, F, key, reference=ref, radius=1.0)
+        out, _ = wrapped(x, ones, F, key, center=ref, radius=1.0)
         want, _ = inner(y, ones, F, key)
         k0, k1 = jax.random.split(key)  # manual composition with the same key split
         yb, vb, fb, _ = pre[0](y, ones, F, k0)
         manual, _ = agg(yb, vb, fb, k1)
-        outp, _ = wrapped(xp, vp, F, key, reference=ref, radius=1.0)  # padded with junk rows
+        outp, _ = wrapped(xp, vp, F, key, center=ref, radius=1.0)  # padded with junk rows
         return out, want, manual, outp
 
     out, want, manual, outp = all_of_it(jnp.asarray(x), jnp.asarray(y), jnp.asarray(xp))
@@ -199,3 +198,22 @@ def test_client_momentum_sampled_and_all_clients_by_hand():
         client_momentum(mom, grads[:2], clients, 0.5, all_clients=True)
     with pytest.raises(ValueError, match=r"all_clients=False needs grads of shape \(2, 2\)"):
         client_momentum(mom, grads, clients, 0.5)
+
+
+def test_server_reference_reaches_the_wrapped_rule_and_is_not_the_centre():
+    """A rule that needs the server's reference (FLTrust) gets it through the wrapper; the
+    clipping centre is ``center=``; ``reference=`` for a rule without one is an error."""
+    x, ref = _inputs()
+    valid = jnp.ones(N, bool)
+    key = jax.random.key(0)
+    g0 = jnp.asarray(np.linspace(-1.0, 1.0, D), jnp.float32)
+    inner = AGGREGATORS.build("fltrust")
+    wrapped = clip_deviations(inner)
+    out, _ = wrapped(x, valid, F, key, wrapped.init(N, D), center=ref, radius=0.7, reference=g0)
+    y = _np_clip(x.astype(np.float64) - ref, 0.7).astype(np.float32)
+    want, _ = inner(y, valid, F, key, inner.init(N, D), reference=g0)
+    np.testing.assert_allclose(out, ref + np.asarray(want), rtol=1e-5, atol=1e-6)
+    med = clip_deviations(AGGREGATORS.build("median"))
+    with pytest.raises(TypeError, match="reference= is the server reference of rules that need "
+                                        "one, and median does not; the clipping centre is center="):
+        med(x, valid, F, key, med.init(N, D), reference=g0)

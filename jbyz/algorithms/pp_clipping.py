@@ -22,7 +22,7 @@ Two forms are provided:
 * :func:`clip_deviations`: a wrapper ``AggregationRule -> AggregationRule`` (same
   :class:`jbyz.types.AggregationRule` protocol, so it works with every rule of
   :data:`jbyz.aggregators.AGGREGATORS`, optionally behind pre-aggregators such as bucketing).
-  Its state keeps ``g^{k-1}``; ``reference=``, ``radius=`` and ``clip=`` keywords override it.
+  Its state keeps ``g^{k-1}``; ``center=``, ``radius=`` and ``clip=`` keywords override it.
 * :func:`pp_clipping`: the same as an optax ``GradientTransformationExtraArgs`` (an
   :class:`optax.experimental.aggregating.Aggregator`) mapping per-worker updates ``[n, ...]`` to
   one update, a drop-in for :func:`jbyz.transforms.robust_aggregate`.
@@ -200,11 +200,13 @@ def clip_deviations(
         \mathrm{out} = r + \mathrm{Agg}\big(\mathrm{Pre}(\{\mathrm{clip}_\lambda(x_i - r)\}_{i:\
         \mathrm{valid}_i})\big)
 
-    where the reference ``r`` is the previous output (kept in the state) and the radius
-    ``lambda = clip_mult * ||r||`` (the reference code's rule), unless ``reference=`` /
+    where the centre ``r`` is the previous output (kept in the state) and the radius
+    ``lambda = clip_mult * ||r||`` (the reference code's rule), unless ``center=`` /
     ``radius=`` are given to ``apply``. On the first call (``state.started`` False, unless an
-    explicit ``reference`` is given) or with ``clip=False`` the inputs are aggregated as they are:
-    ``out = Agg(Pre(x))``.
+    explicit ``center`` is given) or with ``clip=False`` the inputs are aggregated as they are:
+    ``out = Agg(Pre(x))``. A ``reference=`` keyword is the server's reference vector of rules
+    that need one (dSTAR, FLTrust: ``needs_reference``) and is passed on to the wrapped rule;
+    for any other rule it is an error (the clipping centre is ``center=``).
 
     Args:
       aggregator: any :class:`~jbyz.types.AggregationRule` (e.g. ``AGGREGATORS.build("median")``).
@@ -213,9 +215,9 @@ def clip_deviations(
       clip_mult: ``c`` in ``lambda = c ||g^{k-1}||`` (float or traced array).
 
     Returns:
-      An :class:`~jbyz.types.AggregationRule` whose ``apply(x, valid, f, key, state, *, reference=None,
-      radius=None, clip=None)`` returns ``(out [d], PPClipState)``; ``init(n, d)`` gives the
-      initial state (a ``()`` state is initialised on the fly). ``requirement`` is the wrapped
+      An :class:`~jbyz.types.AggregationRule` whose ``apply(x, valid, f, key, state, *,
+      center=None, radius=None, clip=None, reference=None)`` returns ``(out [d], PPClipState)``;
+      ``init(n, d)`` gives the initial state (a ``()`` state is initialised on the fly). ``requirement`` is the wrapped
       rule's.
 
     Example::
@@ -225,7 +227,7 @@ def clip_deviations(
       >>> agg = clip_deviations(AGGREGATORS.build("mean"))
       >>> x = jnp.array([[1.0, 0.0], [1.0, 0.0], [100.0, 0.0]])
       >>> out, st = agg(x, jnp.ones(3, bool), 1, jax.random.key(0),
-      ...               state=agg.init(3, 2), reference=jnp.array([1.0, 0.0]), radius=0.3)
+      ...               state=agg.init(3, 2), center=jnp.array([1.0, 0.0]), radius=0.3)
       >>> out.tolist()  # the outlier's deviation (99, 0) is clipped to (0.3, 0)
       [1.100000023841858, 0.0]
 
@@ -239,16 +241,20 @@ def clip_deviations(
             jnp.zeros((d,), jnp.float32), jnp.zeros((), bool), inner.init(n, d)
         )
 
-    def apply(x, valid, f, key, state, *, reference=None, radius=None, clip=None, **kw):
+    def apply(x, valid, f, key, state, *, center=None, radius=None, clip=None, **kw):
+        if "reference" in kw and not inner.needs_reference:
+            raise TypeError(
+                f"clip_deviations({inner.name}): reference= is the server reference of rules that "
+                f"need one, and {inner.name} does not; the clipping centre is center=")
         x = jnp.asarray(x, jnp.float32)
         n, d = x.shape
         if isinstance(state, tuple) and state == ():
             state = init(n, d)
-        ref = state.reference if reference is None else jnp.asarray(reference, jnp.float32)
+        ref = state.reference if center is None else jnp.asarray(center, jnp.float32)
         if radius is None:
             radius = jnp.asarray(clip_mult, jnp.float32) * jnp.sqrt(jnp.sum(ref * ref))
         if clip is None:
-            do_clip = jnp.asarray(True) if reference is not None else state.started
+            do_clip = jnp.asarray(True) if center is not None else state.started
         else:
             do_clip = jnp.asarray(clip, bool)
         dev = clip_rows(x - ref[None, :], radius, valid)
@@ -319,8 +325,16 @@ def pp_clipping(
         prev = jax.tree.map(jnp.asarray, params) if radius == "step" else ()
         return PPClippingState(wrapped.init(num_workers, d), jax.random.key(seed), prev)
 
-    def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, clip=None, **extra):
+    def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, clip=None,
+                  reference=None, **extra):
         del extra
+        ref_kw = {}
+        if wrapped.needs_reference:  # the server's reference, for rules that need one
+            if reference is None:
+                raise ValueError(f"pp_clipping({wrapped.name}) needs the server's reference: "
+                                 "pass reference=... as an extra argument")
+            ref_kw["reference"] = jnp.concatenate([jnp.ravel(r).astype(jnp.float32)
+                                                   for r in jax.tree.leaves(reference)])
         x, unravel = stack_to_matrix(updates)
         v = jnp.ones((num_workers,), bool) if valid is None else jnp.asarray(valid, bool)
         f_ = jnp.asarray(f_default if f is None else f, jnp.int32)
@@ -335,7 +349,8 @@ def pp_clipping(
             diff = jax.tree.map(lambda a, b: jnp.asarray(a, jnp.float32) - b, params, prev)
             rad = jnp.asarray(clip_mult, jnp.float32) * optax.tree.norm(diff)
             prev = jax.tree.map(jnp.asarray, params)
-        out, cs = wrapped.apply(x, v, f_, step_key, state.clip_state, radius=rad, clip=clip)
+        out, cs = wrapped.apply(x, v, f_, step_key, state.clip_state, radius=rad, clip=clip,
+                                **ref_kw)
         return unravel(out), PPClippingState(cs, state_key, prev)
 
     f_default = f
