@@ -10,7 +10,7 @@ run, and writes into ``results/``:
   and denominator, beside the paper's numbers with theirs;
 * ``vnr_within_f<f>_nesterov_<bool>.png``: the paper's variance-norm figures, rebuilt: within the
   runs with momentum at the workers, the ratio of the honest workers' *sampled* gradients against
-  that of the vectors they *submit* (their momenta), per step, mean +- std over seeds, one panel
+  that of the vectors they *submit* (their momenta), per step, mean over seeds (band: 25-75th percentiles), one panel
   per (GAR, attack, lr); ``vnr_cells.csv`` the same as numbers;
 * ``vnr_bound.csv``: per run with a GAR whose bound is known (Krum, Median, Bulyan), the share of
   steps whose submitted ratio is below the bound while the loss is not above its initial value;
@@ -79,7 +79,9 @@ def _name(spec, kwargs) -> str:
 
 def _steps(g: pd.DataFrame, col: str) -> np.ndarray:
     """A run's per-step series: the ``<col>`` lists of its evaluation rows, in step order."""
-    vals = [v for v in g.sort_values("step")[col] if isinstance(v, (list, np.ndarray))]
+    vals = [json.loads(v) if isinstance(v, str) else v  # stored as JSON text in Parquet
+            for v in g.sort_values("step")[col]]
+    vals = [v for v in vals if isinstance(v, (list, np.ndarray))]
     return np.concatenate(vals).astype(float) if vals else np.array([])
 
 
@@ -115,6 +117,9 @@ def pairs_table(runs: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Data
     att = runs[runs["attack_name"] != "none"]
     ref_src = runs if refs is None else refs
     ref = ref_src[ref_src["attack_name"] == "none"].copy()
+    cols = KEY + ["ats", "atw", "ref", "loss", "gain"]
+    if ref.empty or att.empty:  # the references (or the attacked runs) have not run yet
+        return pd.DataFrame(columns=cols)
     n_full = att.groupby("dataset")["n_workers"].max()
     ref["f_real"] = (ref["dataset"].map(n_full) - ref["n_workers"]).astype("Int64")
     ref = ref.drop_duplicates(["dataset", "f_real", "lr", "nesterov", "seed"])
@@ -217,7 +222,8 @@ def vnr_figures(runs: pd.DataFrame, dest: Path) -> list[Path]:
     for (ds, f, nest), g in w.groupby(["dataset", "f_real", "nesterov"]):
         gars = list(dict.fromkeys(g.sort_values("gar")["gar"]))
         cols = sorted(g.groupby(["attack_name", "lr"]).size().index.tolist())
-        fig, axes = plt.subplots(len(gars), len(cols), figsize=(3.0 * len(cols), 1.9 * len(gars)),
+        fig, axes = plt.subplots(len(gars), len(cols),
+                                 figsize=(max(3.0 * len(cols), 8.0), 1.9 * len(gars) + 1.2),
                                  sharex=True, squeeze=False, constrained_layout=True)
         for i, gar in enumerate(gars):
             for j, (atk, lr) in enumerate(cols):
@@ -228,10 +234,11 @@ def vnr_figures(runs: pd.DataFrame, dest: Path) -> list[Path]:
                     if not len(c):
                         continue
                     a = np.stack(c[col].to_list())
-                    mu, sd = np.nanmean(a, 0), np.nanstd(a, 0)
+                    mu = np.nanmean(a, 0)
+                    lo, hi = np.nanpercentile(a, 25, 0), np.nanpercentile(a, 75, 0)
                     t = np.arange(a.shape[1])
                     ax.plot(t, mu, color=color, lw=1, label=label)
-                    ax.fill_between(t, np.maximum(mu - sd, 1e-6), mu + sd, color=color, alpha=0.2)
+                    ax.fill_between(t, lo, hi, color=color, alpha=0.2, lw=0)
                 rule = {"Krum (code)": "krum", "Median": "median", "Bulyan (code)": "bulyan",
                         "Krum (paper)": "krum", "Bulyan (paper)": "bulyan"}.get(gar)
                 if rule:
@@ -248,9 +255,10 @@ def vnr_figures(runs: pd.DataFrame, dest: Path) -> list[Path]:
                 ax.tick_params(labelsize=7)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
-        fig.suptitle(f"{ds}, f = {f}, Nesterov {'on' if nest else 'off'}: variance-norm ratio of "
-                     "the honest workers' sampled gradients vs their submitted momenta\n"
-                     f"(momentum at the workers; mean +- std over seeds)", fontsize=9)
+        fig.suptitle(f"{ds}, f = {f}, Nesterov {'on' if nest else 'off'}: variance-norm ratio, "
+                     "sampled gradients vs submitted momenta\n"
+                     "(momentum at the workers; line: mean over seeds, band: their 25-75th "
+                     "percentiles)", fontsize=9)
         path = dest / f"vnr_within_f{f}_nesterov_{str(bool(nest)).lower()}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -437,8 +445,10 @@ def main(dest: str | Path | None = None) -> None:
     cells.to_csv(dest / "cells.csv", index=False)
 
     print(f"\n{len(p)} pairs with a reference (seeds {sorted(p['seed'].unique().tolist())})")
+    if p.empty:
+        print("(no pair has both its at-update twin and its reference yet: counters skipped)")
     print("\nThe authors' counters (reproduce.py), ours beside the paper's:")
-    for stat, where, share, k, n, f in PAPER:
+    for stat, where, share, k, n, f in (PAPER if len(p) else []):
         sub = p if f is None else p[p["f_real"] == f]
         mine = _fmt(*counters(sub)[stat])
         theirs = f"{k}/{n} ({share:.2%})" if k is not None else f"{share:.2%}"
