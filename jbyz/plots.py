@@ -60,19 +60,19 @@ def accuracy_curves(
     plt = _mpl()
     df = _labelled(df, hue, col)
     cols = [None] if col is None or col not in df else list(dict.fromkeys(df[col]))
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.9), sharey=True, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.9), sharey=True,
+                             squeeze=False, layout="constrained")
     hues = list(dict.fromkeys(df[hue])) if hue in df else [None]
-    styles = list(dict.fromkeys(df[style].astype(str))) if style is not None and style in df else [None]
+    styles = (list(dict.fromkeys(df[style].astype(str))) if style is not None and style in df
+              else [None])
     dashes = ["-", "--", ":", "-."]
     cmap = plt.get_cmap("tab10" if len(hues) <= 10 else "tab20")
     for ax, c in zip(axes[0], cols):
         sub = df if c is None else df[df[col] == c]
         for i, h in enumerate(hues):
+            of_hue = sub if h is None else sub[sub[hue] == h]
             for j, st in enumerate(styles):
-                s = sub if h is None else sub[sub[hue] == h]
-                if st is not None:
-                    s = s[s[style].astype(str) == st]
+                s = of_hue if st is None else of_hue[of_hue[style].astype(str) == st]
                 if s.empty:
                     continue
                 g = s.groupby("step")[metric].agg(["mean", "min", "max"]).reset_index()
@@ -91,8 +91,8 @@ def accuracy_curves(
             if lb not in labels:
                 handles.append(hd)
                 labels.append(lb)
-    fig.legend(handles, labels, title=hue, fontsize=8, title_fontsize=9, loc="outside lower center",
-               ncol=min(len(labels), 3 if len(styles) > 1 else 6))
+    fig.legend(handles, labels, title=hue, fontsize=8, title_fontsize=9,
+               loc="outside lower center", ncol=min(len(labels), 3 if len(styles) > 1 else 6))
     if title and cols != [None]:
         fig.suptitle(title, fontsize=11)
     if path is not None:

@@ -77,6 +77,12 @@ def stack_to_matrix(updates) -> tuple[jax.Array, Any]:
     return x, unravel
 
 
+def flat_vector(tree) -> jax.Array:
+    """Ravels one pytree (no worker axis) into a ``[d]`` float32 vector, in the leaf order of
+    :func:`stack_to_matrix` (e.g. a server reference vector beside the workers' rows)."""
+    return stack_to_matrix(jax.tree.map(lambda r: jnp.asarray(r)[None], tree))[0][0]
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 
@@ -651,7 +657,7 @@ def robust_aggregate(
             if reference is None:
                 raise ValueError(f"aggregator {aggregator.name!r} needs a server reference vector: "
                                  "pass reference=... as an extra argument")
-            kw["reference"] = stack_to_matrix(jax.tree.map(lambda r: r[None], reference))[0][0]
+            kw["reference"] = flat_vector(reference)
         out, agg_state = aggregator.apply(x, v, f_, keys[-1], state.agg_state, **kw)
         table = f_table(n)
         if table is not None or f is not None or f_static is None:

@@ -10,8 +10,8 @@ run, and writes into ``results/``:
   and denominator, beside the paper's numbers with theirs;
 * ``vnr_within_f<f>_nesterov_<bool>.png``: the paper's variance-norm figures, rebuilt: within the
   runs with momentum at the workers, the ratio of the honest workers' *sampled* gradients against
-  that of the vectors they *submit* (their momenta), per step, mean over seeds (band: 25-75th percentiles), one panel
-  per (GAR, attack, lr); ``vnr_cells.csv`` the same as numbers;
+  that of the vectors they *submit* (their momenta), per step, mean over seeds (band: 25-75th
+  percentiles), one panel per (GAR, attack, lr); ``vnr_cells.csv`` the same as numbers;
 * ``vnr_bound.csv``: per run with a GAR whose bound is known (Krum, Median, Bulyan), the share of
   steps whose submitted ratio is below the bound while the loss is not above its initial value;
 * ``vnr_cross_run.png``: the submitted ratio at update vs at the workers, across runs (the
@@ -75,6 +75,16 @@ def _name(spec, kwargs) -> str:
     return {"krum": "Krum (paper)", "bulyan": "Bulyan (paper)", "trimmed_mean": "Trimmed mean",
             "meamed": "MeaMed", "phocas": "Phocas", "median": "Median", "mean": "Average"}.get(
         spec, spec)
+
+
+# The GARs with a variance-norm bound (jbyz.aggregators.variance_norm_bound), by display name.
+BOUND_RULE = {"Krum (code)": "krum", "Krum (paper)": "krum", "Median": "median",
+              "Bulyan (code)": "bulyan", "Bulyan (paper)": "bulyan"}
+
+
+def _has_steps(v) -> bool:
+    """Whether a run's per-step series has been recorded (runs before the diagnostic had none)."""
+    return isinstance(v, np.ndarray) and v.size > 0
 
 
 def _steps(g: pd.DataFrame, col: str) -> np.ndarray:
@@ -177,7 +187,7 @@ def _fmt(k, n):
 def within_run_cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Per at-worker cell: the mean over steps and seeds of the sampled and submitted ratios."""
     w = runs[(runs["momentum_at"] == "worker") & (runs["attack_name"] != "none")]
-    w = w[w["vnr_submitted_steps"].map(lambda a: isinstance(a, np.ndarray) and a.size > 0)]
+    w = w[w["vnr_submitted_steps"].map(_has_steps)]
     rows = []
     for key, g in w.groupby(["dataset", "f_real", "nesterov", "gar", "attack_name", "lr"]):
         s = np.stack(g["vnr_sampled_steps"].to_list())
@@ -195,8 +205,7 @@ def bound_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     att = runs[runs["attack_name"] != "none"]
     for _, r in att.iterrows():
-        rule = {"Krum (code)": "krum", "Krum (paper)": "krum", "Median": "median",
-                "Bulyan (code)": "bulyan", "Bulyan (paper)": "bulyan"}.get(r["gar"])
+        rule = BOUND_RULE.get(r["gar"])
         sub, loss = r.get("vnr_submitted_steps"), r.get("train_loss_steps")
         if rule is None or not isinstance(sub, np.ndarray) or sub.size == 0:
             continue
@@ -217,7 +226,7 @@ def vnr_figures(runs: pd.DataFrame, dest: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     w = runs[(runs["momentum_at"] == "worker") & (runs["attack_name"] != "none")]
-    w = w[w["vnr_submitted_steps"].map(lambda a: isinstance(a, np.ndarray) and a.size > 0)]
+    w = w[w["vnr_submitted_steps"].map(_has_steps)]
     paths = []
     for (ds, f, nest), g in w.groupby(["dataset", "f_real", "nesterov"]):
         gars = list(dict.fromkeys(g.sort_values("gar")["gar"]))
@@ -239,8 +248,7 @@ def vnr_figures(runs: pd.DataFrame, dest: Path) -> list[Path]:
                     t = np.arange(a.shape[1])
                     ax.plot(t, mu, color=color, lw=1, label=label)
                     ax.fill_between(t, lo, hi, color=color, alpha=0.2, lw=0)
-                rule = {"Krum (code)": "krum", "Median": "median", "Bulyan (code)": "bulyan",
-                        "Krum (paper)": "krum", "Bulyan (paper)": "bulyan"}.get(gar)
+                rule = BOUND_RULE.get(gar)
                 if rule:
                     kappa = variance_norm_bound(rule, int(c["n_workers"].max()) if len(c) else 51, f)
                     ax.axhline(kappa ** 2, color="k", ls=":", lw=0.8, label="GAR bound$^2$")
@@ -271,7 +279,7 @@ def cross_run_figure(runs: pd.DataFrame, path: Path) -> pd.DataFrame:
     import matplotlib.pyplot as plt
 
     a = runs[(runs["attack_name"] != "none")
-             & runs["vnr_submitted_steps"].map(lambda v: isinstance(v, np.ndarray) and v.size > 0)]
+             & runs["vnr_submitted_steps"].map(_has_steps)]
     if a.empty:
         return pd.DataFrame()
     a = a.assign(mean_submitted=a["vnr_submitted_steps"].map(np.nanmean))

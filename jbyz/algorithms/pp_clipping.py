@@ -45,7 +45,7 @@ import optax
 from optax.experimental import aggregating
 
 from jbyz import preaggregators as preagg
-from jbyz.transforms import stack_to_matrix
+from jbyz.transforms import flat_vector, stack_to_matrix
 from jbyz.types import AggregationRule, PreAggregator
 
 Array = jax.Array
@@ -217,8 +217,8 @@ def clip_deviations(
     Returns:
       An :class:`~jbyz.types.AggregationRule` whose ``apply(x, valid, f, key, state, *,
       center=None, radius=None, clip=None, reference=None)`` returns ``(out [d], PPClipState)``;
-      ``init(n, d)`` gives the initial state (a ``()`` state is initialised on the fly). ``requirement`` is the wrapped
-      rule's.
+      ``init(n, d)`` gives the initial state (a ``()`` state is initialised on the fly).
+      ``requirement`` is the wrapped rule's.
 
     Example::
 
@@ -333,8 +333,7 @@ def pp_clipping(
             if reference is None:
                 raise ValueError(f"pp_clipping({wrapped.name}) needs the server's reference: "
                                  "pass reference=... as an extra argument")
-            ref_kw["reference"] = jnp.concatenate([jnp.ravel(r).astype(jnp.float32)
-                                                   for r in jax.tree.leaves(reference)])
+            ref_kw["reference"] = flat_vector(reference)
         x, unravel = stack_to_matrix(updates)
         v = jnp.ones((num_workers,), bool) if valid is None else jnp.asarray(valid, bool)
         f_ = jnp.asarray(f_default if f is None else f, jnp.int32)
