@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 from _bench import interleaved, meta, write_json  # noqa: E402
 from jbyz import _sorting, data  # noqa: E402
 from jbyz.aggregators import AGGREGATORS  # noqa: E402
-from jbyz.config import check, validate  # noqa: E402
+from jbyz.validation import check, validate  # noqa: E402
 from jbyz.simulate import get_program  # noqa: E402
 from single_run import floor_fn, jbyz_fn, workload_cfg, workload_f  # noqa: E402
 

@@ -97,7 +97,7 @@ def single_point(cfg, steps, repeats, ds, with_floor=True):
 
 
 def sweep_n(args, ds):
-    from jbyz.config import validate
+    from jbyz.validation import validate
 
     rows = []
     for n in args.ns:

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 
 from _bench import floor_chunk, load  # noqa: E402
 from jbyz import data  # noqa: E402
-from jbyz.config import RunConfig, check, validate  # noqa: E402
+from jbyz.config import RunConfig  # noqa: E402
+from jbyz.validation import check, validate
 from jbyz.simulate import get_program  # noqa: E402
 
 RULES = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",

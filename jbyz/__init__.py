@@ -10,21 +10,23 @@ Submodules (each with a registry listed by ``jbyz list``):
   :mod:`jbyz.models`          Flax NNX models and their functional adapter
   :mod:`jbyz.data`            datasets, worker splits, on-device sampling
   :mod:`jbyz.transforms`      the optax drop-in (also re-exported here)
-  :mod:`jbyz.simulate`        one training run
+  :mod:`jbyz.simulate`        one training run (``jbyz.run(cfg)``)
   :mod:`jbyz.results`, :mod:`jbyz.plots`  tables and figures
 """
 
-__version__ = "0.1.0"
+from jbyz._version import __version__  # noqa: E402, F401
 
 import importlib as _importlib
 
 _SUBMODULES = ("aggregators", "attacks", "data", "models", "preaggregators", "simulate",
-               "results", "plots", "transforms", "config")
+               "results", "plots", "transforms", "config", "validation", "schedules", "chain", "grid")
 
 
 def __getattr__(name):  # lazy submodules: `import jbyz` stays cheap
     if name in _SUBMODULES:
         return _importlib.import_module(f"jbyz.{name}")
+    if name in ("run", "Simulation", "RunResult"):  # one training run (jbyz.simulate)
+        return getattr(_importlib.import_module("jbyz.simulate"), name)
     if name == "Aggregator":  # renamed: optax.experimental.aggregating.Aggregator is another type
         from jbyz import types as _types
 
@@ -53,6 +55,8 @@ __all__ = [
     "MultiSteps",
     "PreAggregator",
     "RunConfig",
+    "RunResult",
+    "Simulation",
     "aggregators",
     "attacks",
     "byzantine",
@@ -64,5 +68,6 @@ __all__ = [
     "per_worker",
     "preaggregators",
     "robust_aggregate",
+    "run",
     "worker_momentum",
 ]

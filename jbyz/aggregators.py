@@ -62,7 +62,6 @@ import math
 
 import functools
 import inspect
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -956,20 +955,8 @@ del _rule
 
 
 # --------------------------------------------------------------------------------------------
-# dSTAR (registered as "dstar"; the rule lives in jbyz/algorithms/dstar.py, which registers it
-# with the description "dSTAR filter (reconstruction): mean of the k - f first-k responders
-# closest to an ensemble median of the responders and the server's validation gradient." and the
-# reference "Yan, Chaudhari, Kleinrock, arXiv:2412.07151, 2024 (reconstruction from the abstract)").
-# Importing it here makes the registry complete whichever module is imported first.
+# dSTAR (registered as "dstar"): the rule lives in jbyz/algorithms/dstar.py, which builds on the
+# helpers above and registers itself when imported. The registry imports it on first use of the
+# name, so this module never imports it and the dependency points one way.
 
-import importlib as _importlib  # noqa: E402
-
-_importlib.import_module("jbyz.algorithms.dstar")  # registers "dstar"
-
-
-def __getattr__(name):  # ``jbyz.aggregators.dstar`` without a circular import at load time
-    if name == "dstar":
-        from jbyz.algorithms.dstar import dstar
-
-        return dstar
-    raise AttributeError(f"module 'jbyz.aggregators' has no attribute {name!r}")
+AGGREGATORS.provided_by("dstar", "jbyz.algorithms.dstar")

@@ -45,7 +45,8 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from jbyz.config import load_experiment, validate
+    from jbyz.config import load_experiment
+    from jbyz.validation import validate
     from jbyz.plugins import load_plugins
 
     load_plugins(args.imports or [])
@@ -186,7 +187,7 @@ IMPORT_HELP = ("import this module first (a name importable from PYTHONPATH, or 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``jbyz`` argument parser (every option carries its help text)."""
-    from jbyz import __version__
+    from jbyz._version import __version__
 
     p = argparse.ArgumentParser(prog="jbyz", description="Byzantine-robust distributed learning in JAX.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",

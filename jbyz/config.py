@@ -1,4 +1,8 @@
-"""Run configurations: a dataclass, TOML files, and validation before any compute.
+"""Run configurations as plain data: a dataclass, TOML files, and how a grid executes.
+
+This module sits at the bottom of jbyz (it imports only :mod:`jbyz.registry` and
+:mod:`jbyz.plugins`); checking a configuration against the registries is
+:func:`jbyz.validation.validate`.
 
 A configuration file is TOML with a ``[run]`` table (fields of :class:`RunConfig`, and
 ``plugins``: modules imported first, which register components of one's own, see
@@ -6,7 +10,7 @@ A configuration file is TOML with a ``[run]`` table (fields of :class:`RunConfig
 (explicit parts of the grid where a single product is wrong: each block is a table of field ->
 value or list; the grid is the union over blocks of the product of ``[sweep]`` and the block,
 the block's fields overriding the sweep's), an optional ``[execution]`` table (how the grid runs:
-:class:`jbyz.grid.GridOptions`) and an optional ``[output]`` table (``dir``)::
+:class:`GridOptions`) and an optional ``[output]`` table (``dir``)::
 
     [run]
     dataset = "digits"
@@ -45,7 +49,7 @@ from jbyz.registry import ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "split": ("shared", "iid", "dirichlet", "extreme"),
-    "lr_schedule": ("constant", "cosine", "inverse_time"),
+    "lr_schedule": ("constant", "cosine", "inverse_time", "step"),
     "momentum_at": ("worker", "server", "none"),
     "momentum_form": ("ema", "sum"),
     "momentum_first": ("gradient", "zero"),
@@ -325,142 +329,6 @@ def budget_steps(cfg: RunConfig) -> int:
     return max(1, -(-int(cfg.compute_budget) // (cfg.batch_size * honest)))
 
 
-def per_epoch_schedule(cfg: RunConfig) -> bool:
-    """Whether the lr schedule counts epochs (``cosine`` with ``every = "epoch"``), so that its
-    period depends on ``n_workers`` and the dataset size, not on ``steps`` alone."""
-    return cfg.lr_schedule == "cosine" and dict(cfg.lr_schedule_kwargs).get("every") == "epoch"
-
-
-def validate(cfg: RunConfig) -> list[str]:
-    """Returns every problem with ``cfg`` (empty when it is runnable). Builds no data or model."""
-    from jbyz import aggregators, attacks, data, models, preaggregators  # noqa: F401  (registries)
-
-    errors: list[str] = []
-    for field, choices in CHOICES.items():
-        v = getattr(cfg, field)
-        if v not in choices:
-            close = difflib.get_close_matches(str(v), choices, n=1)
-            errors.append(
-                f"{field}={v!r} is not valid" + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f"; choose one of {', '.join(choices)}"
-            )
-    ints = {"n_workers": 1, "batch_size": 1, "steps": 1, "eval_every": 1, "f_real": 0}
-    for k, lo in ints.items():
-        v = getattr(cfg, k)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            errors.append(f"{k} must be an integer >= {lo}, got {v!r}")
-    if isinstance(cfg.f_real, int) and isinstance(cfg.n_workers, int) and cfg.f_real >= cfg.n_workers:
-        errors.append(
-            f"f_real={cfg.f_real} Byzantine workers leaves no honest worker among n_workers={cfg.n_workers}; "
-            f"use f_real <= {cfg.n_workers - 1}"
-        )
-    if cfg.f is not None and (not isinstance(cfg.f, int) or cfg.f < 0):
-        errors.append(f"f (declared) must be an integer >= 0 or omitted, got {cfg.f!r}")
-    allowed = {"constant": set(), "cosine": {"every"}, "inverse_time": {"decay", "every"}}.get(cfg.lr_schedule, set())
-    bad = sorted(set(cfg.lr_schedule_kwargs) - allowed)
-    if bad:
-        errors.append(f"lr_schedule_kwargs {bad} not understood by lr_schedule={cfg.lr_schedule!r}; "
-                      f"valid: {sorted(allowed) or 'none'}")
-    every = dict(cfg.lr_schedule_kwargs).get("every", 1)
-    ok_every = (every == "epoch" and cfg.lr_schedule == "cosine") or (
-        isinstance(every, int) and not isinstance(every, bool) and every >= 1)
-    if "every" in allowed and not ok_every:
-        errors.append(f"lr_schedule_kwargs every={every!r} must be an integer >= 1"
-                      + (" or 'epoch'" if cfg.lr_schedule == "cosine" else ""))
-    if cfg.momentum_first == "zero" and not (cfg.momentum_at == "worker" and cfg.momentum_form == "ema"):
-        errors.append(f"momentum_first='zero' applies to EMA momentum at the workers only (got "
-                      f"momentum_at={cfg.momentum_at!r}, momentum_form={cfg.momentum_form!r}); the "
-                      f"server's EMA always starts from zero and the 'sum' form has no start to choose")
-    cw = cfg.curvature_window
-    if cw is not None and (not isinstance(cw, int) or isinstance(cw, bool) or cw < 1):
-        errors.append(f"curvature_window must be an integer >= 1 (steps of gradient history, e.g. "
-                      f"150 as El Mhamdi et al. on MNIST) or omitted, got {cw!r}")
-    if cfg.sampling == "epoch_stream" and cfg.split != "shared":
-        errors.append(f"sampling='epoch_stream' (one shuffled stream shared by all workers) needs "
-                      f"split='shared', got split={cfg.split!r}; use sampling='replacement'")
-    if cfg.clip_form != "radius" and cfg.clip_per_worker is None:
-        errors.append(f"clip_form={cfg.clip_form!r} needs clip_per_worker (the clipping threshold c)")
-    if cfg.nesterov_form != "pytorch" and cfg.nesterov and not (
-            cfg.momentum_at in ("worker", "server") and cfg.momentum > 0):
-        errors.append(f"nesterov_form={cfg.nesterov_form!r} with nesterov=true needs momentum > 0 "
-                      f"at the workers or the server (got momentum_at={cfg.momentum_at!r}, "
-                      f"momentum={cfg.momentum})")
-    if cfg.nesterov_form == "lookahead" and cfg.normalize:
-        errors.append("nesterov_form='lookahead' with normalize=true is not defined (the look-ahead "
-                      "point uses the un-normalised server momentum); use nesterov_form='pytorch'")
-    if not (cfg.lr > 0):
-        errors.append(f"lr must be > 0, got {cfg.lr}")
-    if not (0.0 <= cfg.momentum < 1.0):
-        errors.append(f"momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.weight_decay < 0:
-        errors.append(f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    if cfg.clip_per_worker is not None and not cfg.clip_per_worker > 0:
-        errors.append(f"clip_per_worker must be > 0 or omitted, got {cfg.clip_per_worker}")
-    if cfg.split == "dirichlet" and not cfg.dirichlet_alpha > 0:
-        errors.append(f"dirichlet_alpha must be > 0, got {cfg.dirichlet_alpha}")
-
-    def _build(registry, name, kwargs):
-        try:
-            return registry.build(name, **dict(kwargs))
-        except ConfigError as e:
-            errors.append(str(e))
-        except (TypeError, ValueError) as e:
-            errors.append(f"{registry.kind} {name!r}: {e}")
-        return None
-
-    for registry, name in ((data.DATASETS, cfg.dataset), (models.MODELS, cfg.model)):
-        try:
-            registry.entry(name)
-        except ConfigError as e:
-            errors.append(str(e))
-    _build(attacks.ATTACKS, cfg.attack, cfg.attack_kwargs)
-    agg = _build(aggregators.AGGREGATORS, cfg.aggregator, cfg.aggregator_kwargs)
-    if errors:
-        return errors
-    rows, f = cfg.n_workers, cfg.f_declared
-    for name, kw in _norm_pre(cfg.preaggregators):
-        pre = _build(preaggregators.PREAGGREGATORS, name, kw)
-        if pre is None:
-            continue
-        msg = pre.requirement(rows, f)
-        if msg:
-            errors.append(msg)
-        rows = pre.out_rows(rows)
-    if cfg.first_k is not None:
-        if not isinstance(cfg.first_k, int) or isinstance(cfg.first_k, bool) or not 1 <= cfg.first_k <= cfg.n_workers:
-            errors.append(f"first_k must be an integer in [1, n_workers={cfg.n_workers}] or omitted, "
-                          f"got {cfg.first_k!r}")
-        else:
-            rows = min(rows, cfg.first_k) if not cfg.preaggregators else rows
-        if cfg.latency == "none":
-            errors.append("first_k needs a latency model (latency = \"shifted_exponential\", "
-                          "\"gamma\", \"slow_subset\", ...) to decide who arrives first")
-    if cfg.latency != "none":
-        from jbyz import protocols
-
-        _build(protocols.LATENCIES, cfg.latency, cfg.latency_kwargs)
-    if not isinstance(cfg.server_validation, int) or cfg.server_validation < 0:
-        errors.append(f"server_validation must be an integer >= 0, got {cfg.server_validation!r}")
-    if agg is not None and getattr(agg, "needs_reference", False) and not cfg.server_validation:
-        errors.append(f"aggregator {cfg.aggregator!r} needs a server reference gradient: set "
-                      "server_validation to the number of training samples the server holds (e.g. 500)")
-    if agg is not None and f < cfg.n_workers:
-        msg = agg.requirement(rows, f)
-        if msg:
-            errors.append(msg)
-    if isinstance(cfg.f, int) and cfg.f >= cfg.n_workers:
-        errors.append(f"declared f={cfg.f} must be < n_workers={cfg.n_workers}")
-    return errors
-
-
-def check(cfg: RunConfig) -> RunConfig:
-    """Raises :class:`ConfigError` listing every problem of ``cfg``; returns it otherwise."""
-    errors = validate(cfg)
-    if errors:
-        raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(errors))
-    return cfg
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """A configuration file: a base run, the sweep product and blocks, execution options, output."""
@@ -540,10 +408,70 @@ def load_experiment(path: str | Path | None = None, *, text: str | None = None) 
             if isinstance(v, list) and not v:
                 raise ConfigError(f"[[grid]] block {i + 1}: {k} is an empty list")
     execution = dict(raw.get("execution", {}))
-    from jbyz.grid import GridOptions
-
     GridOptions.from_dict(execution)  # reports unknown / invalid options now
     default_dir = Path("runs") / (Path(path).stem if path else "experiment")
     out = Path(raw.get("output", {}).get("dir", default_dir))
     return Experiment(base, sweep, out, Path(path) if path else None, tuple(blocks), execution,
                       tuple(plugins))
+
+
+@dataclasses.dataclass(frozen=True)
+class GridOptions:
+    """How a grid executes (never what it computes).
+
+    Attributes:
+      invalid: ``"error"`` (refuse the grid if any point is invalid, listing all) or ``"skip"``
+        (run the valid ones; the invalid ones and their reasons go to ``invalid.csv``).
+      runs_per_call: runs per batch (the unit of writing and resuming). ``None``: the group's
+        size, capped at ``64 x devices``.
+      vmap_width: runs vectorised together inside a batch (``lax.map(batch_size=...)``); ``None``
+        = ``"auto"``: on CPU ``1`` (the batch's runs one after another inside one program, which
+        measured faster than vmapping runs on XLA:CPU), elsewhere the whole batch when it fits
+        the memory budget, else the largest width that does (halving).
+      pad_workers: let runs with different ``n_workers`` share a program by padding.
+      devices: how many devices form the ``"runs"`` mesh axis (``None``: all, across processes).
+      memory_budget_gb: memory a batch may use for its per-step work (default: 40% of RAM on
+        CPU, 60% of device memory otherwise).
+      group_by: extra fields that split groups although they could share a program, e.g.
+        ``["f_real"]``: runs with more Byzantine workers then skip more gradient rows (a group
+        computes gradients for ``n_max - min(f_real)`` slots), at the cost of more compilations.
+      compile_cache: JAX's persistent compilation cache while :func:`jbyz.grid.run_grid` runs: a
+        directory, ``"off"``, or ``"on"``; ``None``: ``$JBYZ_COMPILE_CACHE``, else the per-user
+        default (:mod:`jbyz.compile_cache`).
+    """
+
+    invalid: str = "error"
+    runs_per_call: int | None = None
+    vmap_width: int | None = None
+    pad_workers: bool = True
+    devices: int | None = None
+    memory_budget_gb: float | None = None
+    group_by: tuple = ()
+    compile_cache: str | bool | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "group_by", tuple(self.group_by))
+        bad = [k for k in self.group_by if k not in FIELDS]
+        if bad:
+            raise ConfigError(f"group_by: unknown field(s) {bad}; valid: {', '.join(sorted(FIELDS))}")
+        if self.invalid not in ("error", "skip"):
+            raise ConfigError(f"invalid={self.invalid!r}: choose 'error' or 'skip'")
+        for k in ("runs_per_call", "vmap_width", "devices"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{k} must be a positive integer or omitted, got {v!r}")
+        if self.compile_cache is not None:
+            from jbyz.compile_cache import parse
+
+            parse(self.compile_cache, "compile_cache")  # a clear error now, not after compiling
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "GridOptions":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ConfigError(f"[execution] has unknown option(s) {bad}; valid: {', '.join(sorted(names))}")
+        if d.get("vmap_width") == "auto":
+            d["vmap_width"] = None
+        return cls(**d)

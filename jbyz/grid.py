@@ -29,12 +29,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,74 +40,11 @@ import numpy as np
 
 from jbyz import attacks
 from jbyz import results as results_mod
-from jbyz.config import RunConfig, validate
+from jbyz.config import GridOptions, RunConfig
 from jbyz.registry import ConfigError
+from jbyz.validation import validate
 
 PARTS = "parts"
-
-
-@dataclasses.dataclass(frozen=True)
-class GridOptions:
-    """How a grid executes (never what it computes).
-
-    Attributes:
-      invalid: ``"error"`` (refuse the grid if any point is invalid, listing all) or ``"skip"``
-        (run the valid ones; the invalid ones and their reasons go to ``invalid.csv``).
-      runs_per_call: runs per batch (the unit of writing and resuming). ``None``: the group's
-        size, capped at ``64 x devices``.
-      vmap_width: runs vectorised together inside a batch (``lax.map(batch_size=...)``); ``None``
-        = ``"auto"``: on CPU ``1`` (the batch's runs one after another inside one program, which
-        measured faster than vmapping runs on XLA:CPU), elsewhere the whole batch when it fits
-        the memory budget, else the largest width that does (halving).
-      pad_workers: let runs with different ``n_workers`` share a program by padding.
-      devices: how many devices form the ``"runs"`` mesh axis (``None``: all, across processes).
-      memory_budget_gb: memory a batch may use for its per-step work (default: 40% of RAM on
-        CPU, 60% of device memory otherwise).
-      group_by: extra fields that split groups although they could share a program, e.g.
-        ``["f_real"]``: runs with more Byzantine workers then skip more gradient rows (a group
-        computes gradients for ``n_max - min(f_real)`` slots), at the cost of more compilations.
-      compile_cache: JAX's persistent compilation cache while :func:`run_grid` runs: a
-        directory, ``"off"``, or ``"on"``; ``None``: ``$JBYZ_COMPILE_CACHE``, else the per-user
-        default (:mod:`jbyz.compile_cache`).
-    """
-
-    invalid: str = "error"
-    runs_per_call: int | None = None
-    vmap_width: int | None = None
-    pad_workers: bool = True
-    devices: int | None = None
-    memory_budget_gb: float | None = None
-    group_by: tuple = ()
-    compile_cache: str | bool | None = None
-
-    def __post_init__(self):
-        from jbyz.config import FIELDS
-
-        object.__setattr__(self, "group_by", tuple(self.group_by))
-        bad = [k for k in self.group_by if k not in FIELDS]
-        if bad:
-            raise ConfigError(f"group_by: unknown field(s) {bad}; valid: {', '.join(sorted(FIELDS))}")
-        if self.invalid not in ("error", "skip"):
-            raise ConfigError(f"invalid={self.invalid!r}: choose 'error' or 'skip'")
-        for k in ("runs_per_call", "vmap_width", "devices"):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{k} must be a positive integer or omitted, got {v!r}")
-        if self.compile_cache is not None:
-            from jbyz.compile_cache import parse
-
-            parse(self.compile_cache, "compile_cache")  # a clear error now, not after compiling
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "GridOptions":
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise ConfigError(f"[execution] has unknown option(s) {bad}; valid: {', '.join(sorted(names))}")
-        if d.get("vmap_width") == "auto":
-            d["vmap_width"] = None
-        return cls(**d)
 
 
 @dataclasses.dataclass
@@ -500,9 +435,11 @@ def run_grid(configs: Sequence[RunConfig], out_dir: str | Path, options: GridOpt
 def _run_grid(configs, out_dir, options, *, progress, log, table_configs):
     """:func:`run_grid` inside its compile-cache context."""
     import pandas as pd
-    from tqdm.auto import tqdm
 
+    from jbyz._progress import tqdm_class
     from jbyz.simulate import get_program
+
+    tqdm = tqdm_class()
 
     log = log or (lambda *a, **k: None)
     options = options or GridOptions()

@@ -172,8 +172,10 @@ def heatmap(
     cols = [None] if col is None else sorted(runs[col].dropna().unique(), key=str)
     xs = sorted(runs[x].dropna().unique())
     ys = sorted(runs[y].dropna().unique())
+    # Shared y axis (labels on the first panel only) and constrained layout: tick labels, titles
+    # and the colour bar never overlap a neighbouring panel.
     fig, axes = plt.subplots(1, len(cols), figsize=(0.9 * len(xs) * len(cols) + 2.2, 0.55 * len(ys) + 1.8),
-                             squeeze=False)
+                             squeeze=False, sharey=True, layout="constrained")
     vmin, vmax = runs[stat].min(), runs[stat].max()
     for ax, c in zip(axes[0], cols):
         sub = runs if c is None else runs[runs[col] == c]
@@ -189,11 +191,12 @@ def heatmap(
         ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=45)
         ax.set_yticks(range(len(ys)), [str(v) for v in ys])
         ax.set_xlabel(x)
-        ax.set_ylabel(y)
+        if ax is axes[0][0]:
+            ax.set_ylabel(y)
         ax.set_title(f"{col} = {c}" if c is not None else (title or ""), fontsize=10)
     fig.colorbar(im, ax=axes[0].tolist(), label=f"{stat} {metric.replace('_', ' ')}")
     if title and cols != [None]:
-        fig.suptitle(title, fontsize=11, y=1.04)
+        fig.suptitle(title, fontsize=11)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")

@@ -46,29 +46,52 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._lazy: dict[str, str] = {}  # name -> module that registers it when imported
 
     def register(self, name: str, description: str, reference: str):
         def deco(factory):
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._entries[name] = Entry(name, factory, description, reference)
+            self._lazy.pop(name, None)
             return factory
 
         return deco
 
+    def provided_by(self, name: str, module: str) -> None:
+        """Declares that importing ``module`` registers ``name``; it is imported on first use.
+
+        This keeps dependencies pointing one way: a kernel that lives above the registry's own
+        module (e.g. dSTAR in :mod:`jbyz.algorithms.dstar`, which imports the aggregators'
+        helpers) is still listed and built by name, without the registry's module importing it.
+        """
+        if name not in self._entries:
+            self._lazy[name] = module
+
+    def _load(self, names) -> None:
+        import importlib
+
+        for name in list(names):
+            module = self._lazy.pop(name, None)
+            if module is not None:
+                importlib.import_module(module)
+                if name not in self._entries:
+                    raise RuntimeError(f"importing {module} did not register {self.kind} {name!r}")
+
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._lazy
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._lazy)
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted({*self._entries, *self._lazy})
 
     def entry(self, name: str) -> Entry:
+        self._load([name] if name in self._lazy else [])
         if name not in self._entries:
             close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -95,6 +118,7 @@ class Registry:
         return entry.factory(**hyperparameters)
 
     def describe(self) -> list[tuple[str, str, str]]:
+        self._load(self._lazy)
         return [(e.name, e.description, e.reference) for _, e in sorted(self._entries.items())]
 
 

@@ -29,7 +29,7 @@ def run_metadata() -> dict[str, str]:
     """Versions and device of this process, stored beside every result."""
     import jax
 
-    from jbyz import __version__
+    from jbyz._version import __version__
 
     dev = jax.devices()[0]
     return {

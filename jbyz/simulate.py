@@ -34,8 +34,10 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jbyz import aggregators, attacks, data, models, preaggregators, transforms
-from jbyz.config import RunConfig, _norm_pre, check, per_epoch_schedule
+from jbyz import attacks, chain, data, models, schedules
+from jbyz.config import RunConfig
+from jbyz.schedules import per_epoch_schedule
+from jbyz.validation import check
 from jbyz.registry import ConfigError
 from jbyz.types import byzantine_mask
 
@@ -190,11 +192,8 @@ class Program:
         self.cfg = cfg
         self.dataset = ds = dataset if dataset is not None else load_data(cfg)
         self.n = n = int(n_max or cfg.n_workers)
-        self.attack = attacks.ATTACKS.build(cfg.attack, **dict(cfg.attack_kwargs))
-        self.aggregator = aggregators.AGGREGATORS.build(cfg.aggregator, **dict(cfg.aggregator_kwargs))
-        self.pre = tuple(
-            preaggregators.PREAGGREGATORS.build(name, **kw) for name, kw in _norm_pre(cfg.preaggregators)
-        )
+        self.components = comp = chain.components(cfg)
+        self.attack, self.aggregator, self.pre, self.latency = comp
         own = self.attack.flips_labels or self.attack.needs_own_vector
         if grad_rows is None:
             grad_rows = n if own or cfg.attack == "none" else n - cfg.f_real
@@ -207,17 +206,12 @@ class Program:
         self.grad_method = models.resolve_grad_method(self.model, cfg.grad_method)
         flat, self.unravel = ravel_pytree(self.model.params)
         self.d = int(flat.shape[0])
-        self.momentum_on = cfg.momentum_at != "none" and cfg.momentum > 0
+        self.momentum_on = chain.momentum_on(cfg)
         self.train, self.test = _device_data(ds)
         # The server's validation samples: the last `server_validation` training samples,
         # removed from the workers' data.
         self.n_server = int(cfg.server_validation)
         self.n_worker_samples = len(ds.y_train) - self.n_server
-        self.latency = None
-        if cfg.latency != "none":
-            from jbyz import protocols
-
-            self.latency = protocols.LATENCIES.build(cfg.latency, **dict(cfg.latency_kwargs))
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------ host-side inputs
@@ -261,65 +255,22 @@ class Program:
 
     # ------------------------------------------------------------------ optimiser pieces
     def worker_stages(self, dyn: Dyn):
-        """The honest workers' two stages ``(clip, momentum)`` (identity where off).
+        """The honest workers' stages ``(clip, momentum)`` (:func:`jbyz.chain.worker_stages`).
 
         They act on the gradient rows only: the first ``n - grad_rows`` slots are Byzantine in
         every run of the group, and the attack overwrites them anyway.
         """
-        cfg, rows = self.cfg, self.grad_rows
-        ident = optax.with_extra_args_support(optax.identity())
-        clip = mom = ident
-        if cfg.clip_per_worker is not None:
-            clip = transforms.clip_per_worker(dyn.clip, rows, form=cfg.clip_form)
-        if self.momentum_on and cfg.momentum_at == "worker":
-            mom = transforms.worker_momentum(
-                dyn.momentum, rows, form=cfg.momentum_form,
-                nesterov=cfg.nesterov and cfg.nesterov_form == "pytorch",
-                first=cfg.momentum_first)
-        return clip, mom
+        return chain.worker_stages(self.cfg, dyn, self.grad_rows)
 
     def transforms(self, dyn: Dyn):
-        """The four optax stages of a run, closed over its dynamic values (traced or concrete)."""
-        cfg, n = self.cfg, self.n
-        tx_worker = optax.chain(*self.worker_stages(dyn))
-        tx_byz = transforms.byzantine(self.attack, dyn.f_real, n,
-                                      labels_flipped=self.attack.flips_labels)
-        tx_agg = transforms.robust_aggregate(self.aggregator, dyn.f, n, preaggregators=self.pre)
-        server = []
-        if cfg.normalize:
-            server.append(transforms.normalize())
-        if self.momentum_on and cfg.momentum_at == "server":
-            if cfg.momentum_form == "ema":
-                server.append(optax.ema(dyn.momentum, debias=False))
-            else:
-                server.append(optax.trace(
-                    dyn.momentum, nesterov=cfg.nesterov and cfg.nesterov_form == "pytorch"))
-        sched = self.lr_schedule(dyn.lr)
-        server.append(optax.scale_by_learning_rate(sched))
-        return tx_worker, tx_byz, tx_agg, optax.chain(*server)
+        """The four optax stages of a run (:func:`jbyz.chain.optimizer_chain`), closed over its
+        dynamic values (traced or concrete)."""
+        return chain.optimizer_chain(self.cfg, self.components, dyn, n=self.n,
+                                     rows=self.grad_rows, samples_per_run=self.n_worker_samples)
 
     def lr_schedule(self, lr):
         """The learning-rate schedule ``t -> lr_t`` of this group (``lr`` may be traced)."""
-        cfg = self.cfg
-        if cfg.lr_schedule == "cosine":
-            every = dict(cfg.lr_schedule_kwargs).get("every", 1)
-            if per_epoch_schedule(cfg):  # Yang et al.: (lr0 / 2)(1 + cos(i pi / E)) in epoch i
-                from jbyz.algorithms.byzsgdnm import epoch_cosine_schedule
-
-                per_epoch = self.n_worker_samples / (cfg.n_workers * cfg.batch_size)
-                sched = epoch_cosine_schedule(lr, max(1, round(cfg.steps / per_epoch)), per_epoch)
-            else:
-                sched = optax.cosine_decay_schedule(lr, cfg.steps)
-                if int(every) > 1:  # staircase: step t takes the lr of its period's first step
-                    base, every = sched, int(every)
-                    sched = lambda t: base(t // every * every)
-        elif cfg.lr_schedule == "inverse_time":
-            kw = dict(cfg.lr_schedule_kwargs)
-            decay, every = float(kw.get("decay", 5000.0)), int(kw.get("every", 1))
-            sched = lambda t: lr / (1.0 + (t // every * every) / decay)
-        else:
-            sched = optax.constant_schedule(lr)
-        return sched
+        return schedules.lr_schedule(self.cfg, lr, samples_per_run=self.n_worker_samples)
 
     def init(self, inp: RunInputs) -> Carry:
         """The initial carry of one run (traceable; vmap it over runs)."""
@@ -527,8 +478,9 @@ class Simulation:
         self.n = self.program.n
 
     def run(self, *, progress: bool | Any = True, desc: str | None = None) -> RunResult:
-        from tqdm.auto import tqdm
+        from jbyz._progress import tqdm_class
 
+        tqdm = tqdm_class()
         cfg, prog = self.cfg, self.program
         init, chunk, ev = prog.compiled_single()
         inp = jax.device_put(prog.inputs(cfg))

@@ -2,7 +2,8 @@
 
 import pytest
 
-from jbyz.config import RunConfig, check, from_dict, load_experiment, validate
+from jbyz.config import RunConfig, from_dict, load_experiment
+from jbyz.validation import check, validate
 from jbyz.registry import ConfigError
 
 

@@ -16,7 +16,8 @@ from test_data import write_idx_set
 import jbyz.data as D
 from jbyz import models, simulate
 from jbyz.aggregators import AGGREGATORS, variance_norm_bound
-from jbyz.config import RunConfig, validate
+from jbyz.config import RunConfig
+from jbyz.validation import validate
 from jbyz.registry import ConfigError
 from jbyz.transforms import clip_per_worker
 

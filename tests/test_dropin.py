@@ -15,7 +15,8 @@ import pytest
 
 import jbyz
 from jbyz import aggregators, attacks, preaggregators
-from jbyz.config import RunConfig, validate
+from jbyz.config import RunConfig
+from jbyz.validation import validate
 
 N = 10
 PARAMS = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(4)}

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from jbyz import cli, results
-from jbyz.config import load_experiment, validate
+from jbyz.config import load_experiment
+from jbyz.validation import validate
 from jbyz.plugins import load_plugins
 from jbyz.registry import ConfigError
 

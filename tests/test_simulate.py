@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jbyz.config import RunConfig, check
+from jbyz.config import RunConfig
+from jbyz.validation import check
 from jbyz.simulate import Simulation, run
 
 BASE = RunConfig(dataset="digits", model="mlp", n_workers=10, f_real=3, batch_size=32,
@@ -89,7 +90,7 @@ def test_first_k_rounds_latency_clock_and_server_reference():
 
 
 def test_first_k_config_errors():
-    from jbyz.config import validate
+    from jbyz.validation import validate
 
     errs = validate(BASE.replace(first_k=5))
     assert any("latency model" in e for e in errs)

@@ -610,7 +610,9 @@ class AsyncSimulation:
         return self._run_group(points, vmapped=True, progress=progress, ndev=ndev)[:n_real]
 
     def _run_group(self, points, *, vmapped: bool, progress: bool, ndev: int = 1):
-        from tqdm.auto import tqdm
+        from jbyz._progress import tqdm_class
+
+        tqdm = tqdm_class()
 
         cfg = self.cfg
         chunk_fn, eval_fn = self._programs(vmapped, ndev if vmapped else 1)

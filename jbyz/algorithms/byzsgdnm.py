@@ -32,10 +32,11 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Sequence
 
-import jax.numpy as jnp
 import optax
 
 from jbyz import transforms
+# The paper's per-epoch cosine schedule lives with the other schedules; re-exported here.
+from jbyz.schedules import epoch_cosine_schedule
 from jbyz.types import AggregationRule, Attack, PreAggregator
 
 __all__ = [
@@ -48,31 +49,6 @@ __all__ = [
     "optimal_batch_size_nm",
     "select_lr",
 ]
-
-
-# ----------------------------------------------------------------------------- schedules
-
-
-def epoch_cosine_schedule(lr0: float, epochs: int, steps_per_epoch: float) -> optax.Schedule:
-    r"""The paper's cosine annealing *per epoch*: :math:`\eta = \frac{\eta_0}{2}(1 + \cos(i\pi/E))`.
-
-    ``i = floor(t / steps_per_epoch)`` is the epoch of step ``t`` (``i = 0 .. E-1``, so the last
-    epoch still has a positive rate, as the paper's ``i = 0..159`` for ``E = 160``). Under a fixed
-    compute budget ``steps_per_epoch = N_k / B`` (``N_k`` samples per worker) need not be an
-    integer; it may be a float.
-
-    In a run configuration: ``lr_schedule = "cosine"`` with ``lr_schedule_kwargs = {every =
-    "epoch"}`` (without it, ``"cosine"`` is optax's per-*step* decay to 0 over the run, the
-    continuous version of this staircase).
-    """
-    if epochs < 1 or not steps_per_epoch > 0:
-        raise ValueError(f"epochs must be >= 1 and steps_per_epoch > 0, got {epochs}, {steps_per_epoch}")
-
-    def schedule(count):
-        i = jnp.minimum(jnp.floor(count / steps_per_epoch), epochs - 1)
-        return 0.5 * lr0 * (1.0 + jnp.cos(jnp.pi * i / epochs))
-
-    return schedule
 
 
 # ----------------------------------------------------------------------------- the optax chains

@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# ``jbyz.aggregators`` imports this module at its end (to register "dstar"); importing it as a
-# module object here works whichever of the two is imported first (only attributes defined before
-# that import are used at import time).
+# The aggregators' registry imports this module on first use of the name "dstar"
+# (``AGGREGATORS.provided_by``); this module imports the aggregators, never the reverse.
 import jbyz.aggregators as A
 from jbyz import _sorting as S
 from jbyz.registry import ConfigError
