@@ -33,12 +33,18 @@ Options beyond the defaults (also as keys of a TOML file, --config experiments/m
                               round, sampled or not, as the authors' code (code/simulator.py
                               computes every worker's gradient each round); 5x the gradients
   --check                     validate the options and print the plan, run nothing
+
+Resumable: every run (attack, aggregator, clipping, seed) is stored as soon as it finishes, as
+one Parquet part in ``<out>.parts/``; a rerun of the same command skips the stored runs, so a
+killed run continues where it stopped. A part written with other settings is an error, not
+reused. The table ``<out>`` is written from all parts at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -55,7 +61,7 @@ from jbyz.attacks import ATTACKS, alie_z
 from jbyz.data import flip_labels, load_dataset, sample_indices, split_workers
 from jbyz.models import build_model, per_worker_grads
 from jbyz.preaggregators import bucketing
-from jbyz.results import run_metadata, write_table
+from jbyz.results import load_results, read_metadata, run_metadata, write_table
 
 from config_file import parse_args  # experiments/marina_pp/config_file.py
 
@@ -187,39 +193,61 @@ def main():
     model = build_model("lenet", ds.input_shape, 10, key=jax.random.key(0), channels=(16, 32))
     test_x, test_y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
     print(f"{ds}; lenet(16, 32) with {model.num_params} parameters")
-    rows = []
+    out = Path(args.out)
+    parts_dir = out.with_name(out.stem + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    # what a stored part must have been run with to be reused
+    settings = json.dumps(dict(steps=args.steps, eval_every=args.eval_every, lr=args.lr,
+                               clip_mult=args.clip_mult, test_size=args.test_size,
+                               momentum_all_clients=args.momentum_all_clients), sort_keys=True)
+    meta = {**run_metadata(), "steps": str(args.steps), "settings": settings}
+    constants = dict(n_clients=N, f_real=F_REAL, clients_per_round=C, batch_size=BATCH,
+                     momentum=BETA, lr=args.lr, clip_mult=args.clip_mult, model="lenet(16,32)",
+                     dataset="fashion_mnist", test_size=args.test_size)
+    part_files = []
     t_all = time.time()
     attacks = args.attacks.split(",")
     for attack_name, agg_name in itertools.product(
             [a for a in attacks if a != "none"] or ["shift_back"], args.aggregators.split(",")):
-        run = build(ds, split, model, attack_name, agg_name, args.lr, args.clip_mult,
-                    test_x, test_y, args.momentum_all_clients)
         cases = [(attack_name, clip, F_REAL) for clip in (True, False)]
         if "none" in attacks and attack_name == "shift_back":  # the no-attack reference
             cases += [("none", clip, 0) for clip in (True, False)]
+        run = None
         for name, clip, f_real in cases:
             if name not in attacks:
                 continue
             for seed in range(args.seeds):
+                part = parts_dir / f"{name}__{agg_name}__clip{int(clip)}__seed{seed}.parquet"
+                part_files.append(part)
+                if part.exists():
+                    if read_metadata(part).get("settings") != settings:
+                        raise SystemExit(f"{part} was run with other settings than {settings}; "
+                                         f"remove {parts_dir} (or use another --out) to rerun")
+                    print(f"{name:10s} {agg_name:16s} clip={clip!s:5s} seed {seed}: stored, "
+                          "skipped", flush=True)
+                    continue
+                if run is None:
+                    run = build(ds, split, model, attack_name, agg_name, args.lr, args.clip_mult,
+                                test_x, test_y, args.momentum_all_clients)
                 t = time.time()
                 res = run(seed, clip, f_real, args.steps, args.eval_every)
-                for step, acc, loss, maj in res:
-                    rows.append(dict(attack=name, aggregator=agg_name, clipping=clip,
-                                     seed=seed, step=step, test_accuracy=acc, test_loss=loss,
-                                     byz_majority_rounds=maj))
+                dt = time.time() - t
+                df = pd.DataFrame([dict(attack=name, aggregator=agg_name, clipping=clip,
+                                        seed=seed, step=step, test_accuracy=acc, test_loss=loss,
+                                        byz_majority_rounds=maj)
+                                   for step, acc, loss, maj in res])
+                for k, v in constants.items():
+                    df[k] = v
+                if args.momentum_all_clients:  # a column only away from the default
+                    df["momentum_clients"] = "all"
+                write_table(df, part, {**meta, "wall_s": f"{dt:.1f}"})
                 print(f"{name:10s} {agg_name:16s} clip={clip!s:5s} seed {seed}: "
                       f"acc {res[-1][1]:.4f} (max {max(r[1] for r in res):.4f}), "
-                      f"majority rounds {res[-1][3]}, {time.time() - t:.0f} s", flush=True)
+                      f"majority rounds {res[-1][3]}, {dt:.0f} s", flush=True)
     print(f"total {time.time() - t_all:.0f} s")
-    df = pd.DataFrame(rows)
-    for k, v in dict(n_clients=N, f_real=F_REAL, clients_per_round=C, batch_size=BATCH,
-                     momentum=BETA, lr=args.lr, clip_mult=args.clip_mult, model="lenet(16,32)",
-                     dataset="fashion_mnist", test_size=args.test_size).items():
-        df[k] = v
-    if args.momentum_all_clients:  # a column only away from the default (the stored table)
-        df["momentum_clients"] = "all"
-    write_table(df, args.out, {**run_metadata(), "steps": str(args.steps)})
-    print("wrote", args.out)
+    df = pd.concat([load_results(f) for f in part_files], ignore_index=True)
+    write_table(df, out, meta)
+    print("wrote", out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ Options (also as keys of a TOML file, --config experiments/marina_pp/configs/*.t
   --blocks a,b,...               which configurations to run (see BLOCKS)
   --check                        build and validate everything, print the plan, run nothing
 
+Resumable: every (configuration, stepsize) is stored as soon as it finishes, as one Parquet part
+in ``<out>.parts/`` (``results/logreg_paper.parts/`` for ``results/logreg_paper.parquet``); a
+rerun of the same command skips the stored parts, so a killed run continues where it stopped.
+A part written with other settings (rounds, seeds, attack, schedule) is an error, not reused.
+The table ``<out>`` is written from all parts at the end.
+
 Every static configuration is one compiled program, vmapped over seeds and over the numeric
 hyper-parameters it sweeps (stepsize, clipping multiplier, number of Byzantine clients).
 
@@ -30,6 +36,8 @@ Writes experiments/marina_pp/results/logreg.parquet and figures/logreg_*.png.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import time
 from pathlib import Path
 
@@ -47,7 +55,7 @@ from jbyz.aggregators import AGGREGATORS  # noqa: E402
 from jbyz.algorithms import marina as M  # noqa: E402
 from jbyz.compression import randk  # noqa: E402
 from jbyz.preaggregators import bucketing  # noqa: E402
-from jbyz.results import run_metadata, write_table  # noqa: E402
+from jbyz.results import load_results, read_metadata, run_metadata, write_table  # noqa: E402
 
 from config_file import parse_args  # noqa: E402  (experiments/marina_pp/config_file.py)
 
@@ -212,57 +220,80 @@ def main():
     def metric(w):
         return {"loss": loss(w, aj, yj)}
 
-    rows = []
     x0 = jnp.zeros(a.shape[1], jnp.float64)
     keys = jax.random.split(jax.random.key(20241), args.seeds)
+    out = Path(args.out)
+    parts_dir = out.with_name(out.stem + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    # what a stored part must have been run with to be reused
+    settings = dict(steps=args.steps, seeds=args.seeds, record_every=args.record_every,
+                    shift_back_mult=str(args.shift_back_mult), p=None if period else p,
+                    full_round_every=period)
+    meta = {**run_metadata(), "f_star": repr(f_star), "L": repr(lip), "steps": str(args.steps),
+            "settings": json.dumps(settings, sort_keys=True)}
     t_all = time.time()
+    part_files = []
     for name, kw, plist in plan:
         cfg = M.MarinaConfig(num_steps=args.steps, **kw)
-        run = M.build_run(cfg, oracle, metric)
-        P = M.MarinaParams(
-            lr=jnp.array([q["lr"] for q in plist]),
-            p=jnp.full(len(plist), p),
-            alpha=jnp.array([q["alpha"] for q in plist]),
-            f_real=jnp.array([q["f_real"] for q in plist], jnp.int32),
-            f=jnp.zeros(len(plist), jnp.int32),
-        )
-        grid = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, None, 0)), in_axes=(None, 0, None)))
-        t = time.time()
-        _, tr = grid(x0, P, keys)
-        tr = jax.tree.map(np.asarray, tr)
-        dt = time.time() - t
-        print(f"{name}: {len(plist)} points x {args.seeds} seeds, {dt:.1f} s")
-        ks = np.arange(0, args.steps, args.record_every)
-        for i, q in enumerate(plist):
-            for s in range(args.seeds):
-                gap0 = float(tr["init"]["loss"][i, s]) - f_star
-                rows.append(dict(config=name, **q, seed=s, step=0, epochs=1.0, gap=gap0,
-                                 full=True, byz_majority=False, radius=np.nan))
-                for k in ks:
-                    rows.append(dict(
-                        config=name, **q, seed=s, step=int(k) + 1,
-                        epochs=float(tr["epochs"][i, s, k]),
-                        gap=float(tr["loss"][i, s, k]) - f_star,
-                        full=bool(tr["full"][i, s, k]),
-                        byz_majority=bool(tr["byz_majority"][i, s, k]),
-                        radius=float(tr["radius"][i, s, k]),
-                    ))
-                maj = tr["byz_majority"][i, s]
-                print(f"   {q} seed {s}: final gap {tr['loss'][i, s, -1] - f_star:.3e}, "
-                      f"epochs {tr['epochs'][i, s, -1]:.0f}, byz-majority rounds {maj.sum()}"
-                      f" ({maj.mean():.3f}), full rounds {tr['full'][i, s].sum()}")
+        grid = None
+        for lr in dict.fromkeys(q["lr"] for q in plist):
+            sub = [q for q in plist if q["lr"] == lr]
+            part = parts_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}__lr{lr:g}.parquet"
+            part_files.append(part)
+            if part.exists():
+                stored = read_metadata(part).get("settings")
+                if stored != meta["settings"]:
+                    raise SystemExit(f"{part} was run with {stored}, not {meta['settings']}; "
+                                     f"remove {parts_dir} (or use another --out) to rerun")
+                print(f"{name}, lr {lr:g}: stored in {part.name}, skipped")
+                continue
+            if grid is None:
+                run = M.build_run(cfg, oracle, metric)
+                grid = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, None, 0)),
+                                        in_axes=(None, 0, None)))
+            P = M.MarinaParams(
+                lr=jnp.array([q["lr"] for q in sub]),
+                p=jnp.full(len(sub), p),
+                alpha=jnp.array([q["alpha"] for q in sub]),
+                f_real=jnp.array([q["f_real"] for q in sub], jnp.int32),
+                f=jnp.zeros(len(sub), jnp.int32),
+            )
+            t = time.time()
+            _, tr = grid(x0, P, keys)
+            tr = jax.tree.map(np.asarray, tr)
+            dt = time.time() - t
+            print(f"{name}, lr {lr:g}: {len(sub)} points x {args.seeds} seeds, {dt:.1f} s",
+                  flush=True)
+            ks = np.arange(0, args.steps, args.record_every)
+            rows = []
+            for i, q in enumerate(sub):
+                for s in range(args.seeds):
+                    gap0 = float(tr["init"]["loss"][i, s]) - f_star
+                    rows.append(dict(config=name, **q, seed=s, step=0, epochs=1.0, gap=gap0,
+                                     full=True, byz_majority=False, radius=np.nan))
+                    rows += [dict(config=name, **q, seed=s, step=int(k) + 1,
+                                  epochs=float(tr["epochs"][i, s, k]),
+                                  gap=float(tr["loss"][i, s, k]) - f_star,
+                                  full=bool(tr["full"][i, s, k]),
+                                  byz_majority=bool(tr["byz_majority"][i, s, k]),
+                                  radius=float(tr["radius"][i, s, k])) for k in ks]
+                    maj = tr["byz_majority"][i, s]
+                    print(f"   {q} seed {s}: final gap {tr['loss'][i, s, -1] - f_star:.3e}, "
+                          f"epochs {tr['epochs'][i, s, -1]:.0f}, byz-majority rounds "
+                          f"{maj.sum()} ({maj.mean():.3f}), full rounds {tr['full'][i, s].sum()}")
+            df = pd.DataFrame(rows)
+            df["n_clients"], df["b"], df["p"], df["f_star"] = N_CLIENTS, BATCH, p, f_star
+            # Columns for the options, only away from their defaults (the stored table has none).
+            if period is not None:
+                df["p"] = np.nan
+                df["full_round_every"] = period
+            if args.shift_back_mult != 2.0:
+                df["shift_back_mult"] = str(args.shift_back_mult)
+            write_table(df, part, {**meta, "wall_s": f"{dt:.1f}"})
     print(f"total {time.time() - t_all:.0f} s")
-    df = pd.DataFrame(rows)
-    df["n_clients"], df["b"], df["p"], df["f_star"] = N_CLIENTS, BATCH, p, f_star
-    # Columns for the options, only away from their defaults (the stored table has none).
-    if period is not None:
-        df["p"] = np.nan
-        df["full_round_every"] = period
-    if args.shift_back_mult != 2.0:
-        df["shift_back_mult"] = str(args.shift_back_mult)
-    meta = {**run_metadata(), "f_star": repr(f_star), "L": repr(lip), "steps": str(args.steps)}
-    write_table(df, args.out, meta)
-    print("wrote", args.out)
+    df = pd.concat([load_results(f) for f in part_files], ignore_index=True)
+    write_table(df, out, meta)
+    print("wrote", out)
 
 
 if __name__ == "__main__":
