@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -112,6 +111,7 @@ BLOCKS = {
     "randk": "PP, clipping, RandK K=8",
     "code_threshold": "PP, clipping, threshold alpha*|g| (a9a-pp.sh clip-mult grid)",
 }
+BLOCK_OF = {name: key for key, name in BLOCKS.items()}
 DEFAULT_BLOCKS = ("pp_clip", "pp_noclip", "marina", "pp_plus", "mnist_schedule", "randk")
 
 
@@ -238,13 +238,19 @@ def main():
         grid = None
         for lr in dict.fromkeys(q["lr"] for q in plist):
             sub = [q for q in plist if q["lr"] == lr]
-            part = parts_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}__lr{lr:g}.parquet"
+            # named by the block key (unique; the configuration names are not unique once
+            # reduced to file-name characters: "PP+, clipping" and "PP, clipping")
+            part = parts_dir / f"{BLOCK_OF[name]}__lr{lr!r}.parquet"
+            if part in part_files:
+                raise SystemExit(f"two runs would share the part {part}")
             part_files.append(part)
             if part.exists():
-                stored = read_metadata(part).get("settings")
-                if stored != meta["settings"]:
-                    raise SystemExit(f"{part} was run with {stored}, not {meta['settings']}; "
-                                     f"remove {parts_dir} (or use another --out) to rerun")
+                stored = read_metadata(part)
+                if stored.get("settings") != meta["settings"] or stored.get("config") != name:
+                    raise SystemExit(
+                        f"{part} holds {stored.get('config')!r} run with "
+                        f"{stored.get('settings')}, not {name!r} with {meta['settings']}; "
+                        f"remove {parts_dir} (or use another --out) to rerun")
                 print(f"{name}, lr {lr:g}: stored in {part.name}, skipped")
                 continue
             if grid is None:
@@ -289,7 +295,7 @@ def main():
                 df["full_round_every"] = period
             if args.shift_back_mult != 2.0:
                 df["shift_back_mult"] = str(args.shift_back_mult)
-            write_table(df, part, {**meta, "wall_s": f"{dt:.1f}"})
+            write_table(df, part, {**meta, "config": name, "wall_s": f"{dt:.1f}"})
     print(f"total {time.time() - t_all:.0f} s")
     df = pd.concat([load_results(f) for f in part_files], ignore_index=True)
     write_table(df, out, meta)
