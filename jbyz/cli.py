@@ -1,4 +1,4 @@
-"""The ``jbyz`` command: ``list``, ``check``, ``run``, ``plot``.
+"""The ``jbyz`` command: ``list``, ``check``, ``run``, ``plot``, ``select``.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     jbyz plot runs/quickstart/results.parquet --hue aggregator --col attack
     jbyz plot heatmap runs/grid --x batch_size --y f_real --col aggregator
     jbyz plot paired runs/grid --field momentum_at --a server --b worker
+    jbyz select runs/benchmark                  # ByzFL's protocol: selection.csv + heatmaps
 """
 
 from __future__ import annotations
@@ -181,6 +182,61 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _columns(text: str | None) -> list[str] | None:
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _readable(df, values) -> str:
+    """A table as text: metric columns with 4 decimals, everything else as short as it goes."""
+    def fmt(col):
+        if col in values:
+            return lambda v: "" if v != v else (f"{v:.4f}" if isinstance(v, float) else str(v))
+        return lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+
+    return df.to_string(index=False, formatters={c: fmt(c) for c in df.columns})
+
+
+def _cmd_select(args) -> int:
+    import pandas as pd
+
+    from jbyz import plots, results
+
+    df = results.load_results(args.results)
+    base = Path(args.results)
+    out = Path(args.out) if args.out else (base if base.is_dir() else base.parent)
+    het = None if args.heterogeneity.lower() == "none" else args.heterogeneity
+    kw = dict(by=_columns(args.by), over=args.over, tune=_columns(args.tune), heterogeneity=het,
+              metric=args.metric, report=args.report, reduce_steps=args.steps,
+              attacks=_columns(args.attacks))
+    sel = results.select_hyperparameters(df, **kw)
+    detail = results.select_hyperparameters(df, **kw, per_attack=True)
+    info = sel.attrs["selection"]
+    out.mkdir(parents=True, exist_ok=True)
+    sel.to_csv(out / "selection.csv", index=False)
+    detail.to_csv(out / "selection_per_attack.csv", index=False)
+    x = "f_real" if "f_real" in info["by"] else None
+    written = [out / "selection.csv", out / "selection_per_attack.csv"]
+    if x is not None:
+        plots.selection_heatmaps(sel, x=x, ncols=args.ncols, path=out / "selection_heatmaps.png")
+        plots.best_rule_map(sel, x=x, path=out / "best_rule.png")
+        written += [out / "selection_heatmaps.png", out / "best_rule.png"]
+    tuned = ", ".join(info["tune"]) or "nothing (no column varies inside a cell)"
+    print(f"ByzFL protocol: per {', '.join(info['by'])}, the {tuned} maximising "
+          f"{info['metric']} against the worst {info['over']} ({info['reduce_steps']} evaluation "
+          f"of the mean over seeds); {info['report']} reported there.\n")
+    m, r = info["metric"], info["report"]
+    shown = [*info["by"], *info["tune"],
+             *(c for c in (f"{m}_worst", f"{r}_worst", f"{r}_worst_std", f"{r}_worst_attack",
+                           "seeds", "candidates") if c in sel.columns)]
+    print(_readable(sel[shown], [c for c in shown if c.startswith((f"{m}_", f"{r}_"))]))
+    if x is not None:
+        best = results.best_rule_per_cell(sel, x=x)
+        print("\nbest rule per cell:")
+        print(_readable(best, [f"{r}_worst", "runner_up"]))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 IMPORT_HELP = ("import this module first (a name importable from PYTHONPATH, or a .py path), "
                "e.g. one that registers your own aggregators, attacks or models; repeatable")
 
@@ -193,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                    help="print jbyz's version and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
-                           help="list, check, run or plot")
+                           help="list, check, run, plot or select")
     s = sub.add_parser("list", help="list aggregators, pre-aggregators, attacks, models and datasets",
                        description="Every registered component with its description and reference.")
     s.add_argument("kind", nargs="?", help="only one family, e.g. 'attacks'")
@@ -251,6 +307,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--a", help="paired: first value (x axis)")
     s.add_argument("--b", help="paired: second value (y axis)")
     s.set_defaults(fn=_cmd_plot)
+    s = sub.add_parser(
+        "select", help="ByzFL's benchmark protocol: per rule and setting, the hyper-parameters "
+                       "best against the worst attack on validation, and their test accuracy",
+        description="Per aggregator and cell (f_real x data heterogeneity), chooses the "
+                    "hyper-parameters that vary (lr, momentum, pre-aggregators, ...) maximising "
+                    "the worst case over attacks of the validation accuracy, reports the test "
+                    "accuracy there, and writes selection.csv, selection_per_attack.csv, "
+                    "selection_heatmaps.png and best_rule.png (jbyz.results."
+                    "select_hyperparameters).")
+    s.add_argument("results", help="a finished grid's output directory (or a results .parquet)")
+    s.add_argument("--out", help="output directory (default: beside the results)")
+    s.add_argument("--by", metavar="COL,COL",
+                   help="the columns of a cell (default: aggregator,f_real,<heterogeneity>); e.g. "
+                        "aggregator,preaggregators,f_real,heterogeneity keeps the "
+                        "pre-aggregators a setting, as ByzFL does")
+    s.add_argument("--tune", metavar="COL,COL",
+                   help="the columns chosen per cell (default: every configuration column that "
+                        "varies inside a cell)")
+    s.add_argument("--over", default="attack",
+                   help="the column of the adversaries of the worst case (default: attack)")
+    s.add_argument("--attacks", metavar="NAME,NAME",
+                   help="only these attacks (default: every attack in the table)")
+    s.add_argument("--heterogeneity", default="auto",
+                   help="the column of the data heterogeneity: auto (split and its parameter, "
+                        "e.g. 'dirichlet alpha=0.1'), a column such as dirichlet_alpha, or none")
+    s.add_argument("--metric", default="val_accuracy",
+                   help="the column maximised over the candidates (default: val_accuracy; "
+                        "test_accuracy selects on the test set, optimistically)")
+    s.add_argument("--report", default="test_accuracy",
+                   help="the column reported at the choice (default: test_accuracy)")
+    s.add_argument("--steps", default="best", choices=("best", "max", "final", "at_val_best"),
+                   help="a run's evaluations to one number: best (ByzFL: the best evaluation of "
+                        "the seed-mean curve; max is the same), final, or at_val_best (the report "
+                        "read where the validation curve is best) (default: best)")
+    s.add_argument("--ncols", type=int, default=4, help="heatmap panels per row (default: 4)")
+    s.set_defaults(fn=_cmd_select)
     return p
 
 

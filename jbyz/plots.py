@@ -7,6 +7,9 @@
   size x Byzantine fraction), mean over seeds and the other axes, one panel per ``col`` value.
 * :func:`paired`: paired comparison of two values of one field (for example worker vs server
   momentum): each point is one configuration and seed, x = the first value, y = the second.
+* :func:`selection_heatmaps` and :func:`best_rule_map`: ByzFL's benchmark figures from a
+  :func:`jbyz.results.select_hyperparameters` table: per rule, the test accuracy at its chosen
+  hyper-parameters over (Byzantine workers x data heterogeneity); the best rule of each cell.
 """
 
 from __future__ import annotations
@@ -251,3 +254,204 @@ def paired(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150)
     return fig, pairs
+
+
+# Readable axis labels of the benchmark figures.
+AXIS_LABELS = {
+    "f_real": "Byzantine workers (f_real)",
+    "f": "declared f",
+    "heterogeneity": "data heterogeneity",
+    "dirichlet_alpha": "Dirichlet alpha",
+    "gamma": "gamma",
+    "shards_per_worker": "shards per worker",
+}
+
+
+def _axis_label(column: str | None) -> str:
+    return "" if column is None else AXIS_LABELS.get(column, column.replace("_", " "))
+
+
+def _value_label(value: str) -> str:
+    """``test_accuracy_worst`` -> ``test accuracy (worst attack)``."""
+    if value.endswith("_worst"):
+        return f"{value[:-len('_worst')].replace('_', ' ')} (worst attack)"
+    return value.replace("_", " ")
+
+
+def _levels(values: pd.Series) -> list:
+    """An axis' values in order: a categorical's own order, numbers ascending, else as text."""
+    present = values.dropna()
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        seen = set(present)
+        return [c for c in values.cat.categories if c in seen]
+    uniq = list(present.unique())
+    if pd.api.types.is_numeric_dtype(present):
+        return sorted(uniq)
+    return sorted(uniq, key=str)
+
+
+def _tick(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _cell_grid(d: pd.DataFrame, x: str, y: str | None, value: str, xs: list, ys: list):
+    import numpy as np
+
+    grid = np.full((len(ys), len(xs)), np.nan)
+    xi = {v: i for i, v in enumerate(xs)}
+    yi = {v: i for i, v in enumerate(ys)}
+    for _, r in d.iterrows():
+        j = xi.get(r[x])
+        i = yi.get(r[y]) if y is not None else 0
+        if i is not None and j is not None and pd.notna(r[value]):
+            grid[i, j] = r[value]
+    return grid
+
+
+def selection_heatmaps(
+    selection: pd.DataFrame,
+    *,
+    value: str | None = None,
+    x: str = "f_real",
+    y: str | None = None,
+    rule: str | list[str] | None = None,
+    ncols: int = 4,
+    path: str | Path | None = None,
+    title: str | None = None,
+    fmt: str = "{:.2f}",
+    cmap: str = "viridis",
+):
+    """One heatmap per method of a :func:`jbyz.results.select_hyperparameters` table: the test
+    accuracy at its chosen hyper-parameters (worst case over attacks) over the setting cells.
+
+    As ByzFL's benchmark heatmaps: ``x`` is the number of Byzantine workers, ``y`` the data
+    heterogeneity (bottom: the most homogeneous). Panels share their axes and one colour scale;
+    empty cells (a setting a method was not run in) stay blank.
+
+    Args:
+      selection: the table (one row per method and cell).
+      value: the column shown (default ``<report>_worst``).
+      x, y: the cell's columns (default ``f_real`` and the selection's heterogeneity column;
+        without one, a single row).
+      rule: the columns naming a method, one panel each (default: the selection's ``by``
+        without ``x`` and ``y``).
+      ncols: panels per row.
+    Returns the figure (and writes it to ``path``).
+    """
+    from jbyz.results import _selection_axes, rule_labels
+
+    plt = _mpl()
+    value, x, y, rules = _selection_axes(selection, value, x, y, rule)
+    d = selection.assign(_rule=rule_labels(selection, rules))
+    panels = sorted(d["_rule"].unique(), key=str)
+    xs = _levels(d[x])
+    ys = _levels(d[y]) if y is not None else [None]
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    longest = max((len(_tick(v)) for v in ys if v is not None), default=0)
+    fig, axes = plt.subplots(
+        nrows, ncols, squeeze=False, sharex=True, sharey=True, layout="constrained",
+        figsize=(ncols * (0.62 * len(xs) + 0.9) + 0.07 * longest + 1.6,
+                 nrows * (0.42 * len(ys) + 0.9) + 0.6))
+    vals = d[value].astype(float)
+    vmin, vmax = float(vals.min()), float(vals.max())
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    im = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        name = panels[k]
+        grid = _cell_grid(d[d["_rule"] == name], x, y, value, xs, ys)
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                v = grid[i, j]
+                if v == v:
+                    ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                            color="white" if v < (vmin + vmax) / 2 else "black")
+        ax.set_xticks(range(len(xs)), [_tick(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [_tick(v) if v is not None else "" for v in ys])
+        ax.tick_params(labelsize=8)
+        ax.set_title(str(name), fontsize=10)
+        if k // ncols == nrows - 1 or k + ncols >= len(panels):
+            ax.set_xlabel(_axis_label(x))
+            ax.xaxis.set_tick_params(labelbottom=True)
+        if k % ncols == 0:
+            ax.set_ylabel(_axis_label(y))
+    fig.colorbar(im, ax=[a for a in axes.flat if a.get_visible()], shrink=0.9,
+                 label=_value_label(value))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return fig
+
+
+def best_rule_map(
+    selection: pd.DataFrame,
+    *,
+    value: str | None = None,
+    x: str = "f_real",
+    y: str | None = None,
+    rule: str | list[str] | None = None,
+    tie_tol: float = 0.0,
+    path: str | Path | None = None,
+    title: str | None = None,
+    fmt: str = "{:.2f}",
+):
+    """The best method of each setting cell (:func:`jbyz.results.best_rule_per_cell`): one
+    colour per method, the value it reaches written in the cell (``+n``: n other methods tied
+    within ``tie_tol``). ByzFL's aggregated heatmap shows the value only; here the colour says
+    which rule reaches it. Arguments as :func:`selection_heatmaps`. Returns the figure (and
+    writes it to ``path``).
+    """
+    import matplotlib.colors as mcolors
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    from jbyz.results import _selection_axes, best_rule_per_cell, rule_labels
+
+    plt = _mpl()
+    value, x, y, rules = _selection_axes(selection, value, x, y, rule)
+    best = best_rule_per_cell(selection, value=value, x=x, y=y, rule=rules, tie_tol=tie_tol)
+    every = sorted(rule_labels(selection, rules).unique(), key=str)  # colours fixed by all rules
+    palette = plt.get_cmap("tab10" if len(every) <= 10 else "tab20")
+    colour = {r: palette(i % palette.N) for i, r in enumerate(every)}
+    xs = _levels(selection[x])
+    ys = _levels(selection[y]) if y is not None else [None]
+    longest = max((len(_tick(v)) for v in ys if v is not None), default=0)
+    fig, ax = plt.subplots(figsize=(0.75 * len(xs) + 0.07 * longest + 3.2, 0.5 * len(ys) + 1.5),
+                           layout="constrained")
+    rgba = np.ones((len(ys), len(xs), 4))
+    xi = {v: i for i, v in enumerate(xs)}
+    yi = {v: i for i, v in enumerate(ys)}
+    winners = []
+    for _, r in best.iterrows():
+        i, j = (yi[r[y]] if y is not None else 0), xi[r[x]]
+        rgba[i, j] = colour[r["rule"]]
+        c = mcolors.to_rgb(colour[r["rule"]])
+        dark = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] < 0.55
+        text = fmt.format(r[value])
+        if r["tied"]:
+            text += f"\n(+{len(r['tied'].split(', '))} tied)"
+        ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
+        if r["rule"] not in winners:
+            winners.append(r["rule"])
+    ax.imshow(rgba, origin="lower", aspect="auto")
+    ax.set_xticks(range(len(xs)), [_tick(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [_tick(v) if v is not None else "" for v in ys])
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel(_axis_label(x))
+    ax.set_ylabel(_axis_label(y))
+    ax.set_title(title or f"best rule per cell: {_value_label(value)}", fontsize=10)
+    handles = [Patch(facecolor=colour[r], label=r) for r in sorted(winners, key=str)]
+    fig.legend(handles=handles, title=" + ".join(rules), loc="outside right upper", fontsize=8,
+               title_fontsize=9, frameon=False)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return fig
