@@ -756,3 +756,14 @@ def min_sum(perturbation: str = "std", iters: int = 40) -> Attack:
         return out, state
 
     return Attack(name="min_sum", apply=apply)
+
+
+# --------------------------------------------------------------------------------------------
+# Rule-aware attacks (optimal ALIE / IPM, the gradient attack) and rule-specific ones (Fang et
+# al., Blades): the kernels live in jbyz/attacks_extra.py, which imports this module; the
+# registry imports it on first use of one of these names, so the dependency points one way.
+
+for _name in ("optimal_ipm", "optimal_alie", "gradient_ascent", "fang_trim", "fang_krum",
+              "signguard_attack", "clipped_clustering_attack"):
+    ATTACKS.provided_by(_name, "jbyz.attacks_extra")
+del _name

@@ -6,7 +6,11 @@ inside a grid, so one compiled program serves every learning rate, momentum, ``f
 
 1. the honest workers' stages: clipping (``clip_per_worker``) then momentum (``momentum_at =
    "worker"``), on the rows that compute gradients;
-2. the Byzantine attack (``attack``), which overwrites the first ``f_real`` rows;
+2. the Byzantine attack (``attack``), which overwrites the first ``f_real`` rows; a rule-aware
+   attack (``attack.uses_rule``: optimal ALIE / IPM, the gradient attack) is given the same
+   pre-aggregator and rule objects as stage 3 and evaluates them (with the server's reference,
+   for rules that take one, when the step passes ``reference``); every attack sees the
+   declared ``f`` (``ctx["f"]``);
 3. pre-aggregation and robust aggregation (``preaggregators``, ``aggregator``, declared ``f``);
 4. the server's stages: normalisation, momentum (``momentum_at = "server"``) and the learning
    rate schedule (:mod:`jbyz.schedules`).
@@ -89,8 +93,11 @@ def optimizer_chain(cfg: RunConfig, comp: Components, dyn, *, n: int, rows: int,
       samples_per_run: training samples the workers draw from (epoch-based schedules).
     """
     tx_worker = optax.chain(*worker_stages(cfg, dyn, rows))
-    tx_byz = transforms.byzantine(comp.attack, dyn.f_real, n,
-                                  labels_flipped=comp.attack.flips_labels)
+    rule = {}
+    if comp.attack.uses_rule:  # it simulates this run's own stages
+        rule = dict(aggregator=comp.aggregator, preaggregators=comp.preaggregators)
+    tx_byz = transforms.byzantine(comp.attack, dyn.f_real, n, f=dyn.f,
+                                  labels_flipped=comp.attack.flips_labels, **rule)
     tx_agg = transforms.robust_aggregate(comp.aggregator, dyn.f, n,
                                          preaggregators=comp.preaggregators)
     server = []

@@ -461,11 +461,34 @@ class ByzantineState(NamedTuple):
     attack_state: Any
     key: jax.Array
     count: jax.Array
+    rule_state: Any = ()  # (pre-aggregator states, rule state) mirrored for rule-aware attacks
+
+
+_SALT_RULE = 0x5EED_A8
+
+
+def _rule_closure(aggregator, preaggregators, f, key, pre_states, agg_state, reference=None):
+    """``agg_fn(x [n, d], valid [n]) -> [d]``: the pre-aggregators and the rule applied with the
+    declared ``f``, the given key and states (what a rule-aware attack evaluates)."""
+    keys = jax.random.split(key, len(preaggregators) + 1)
+
+    def run(x, valid):
+        v, f_ = valid, jnp.asarray(f, jnp.int32)
+        states = []
+        for i, (pre, ps) in enumerate(zip(preaggregators, pre_states)):
+            x, v, f_, ps = pre.apply(x, v, f_, keys[i], ps)
+            states.append(ps)
+        kw = {} if reference is None else {"reference": reference}
+        out, st = aggregator.apply(x, v, f_, keys[-1], agg_state, **kw)
+        return out, (tuple(states), st)
+
+    return run
 
 
 def byzantine(
     attack: Attack | str | dict, f_real, num_workers: int, *, key=None, seed: int | None = None,
-    labels_flipped: bool = False,
+    labels_flipped: bool = False, aggregator: AggregationRule | str | dict | None = None,
+    preaggregators: Sequence[PreAggregator | str | dict] = (), f=None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the rows of the Byzantine workers (the first ``f_real`` slots) by an attack.
 
@@ -489,6 +512,19 @@ def byzantine(
       labels_flipped: the caller computed the Byzantine workers' gradients on flipped labels,
         so a data-level attack (``label_flip``) is accepted and passes the rows through (the
         simulator sets it).
+      aggregator, preaggregators, f: the run's rule, pre-aggregators and declared ``f`` (as
+        given to :func:`robust_aggregate`), for rule-aware attacks (``attack.uses_rule``: the
+        optimal ALIE / IPM and the gradient attack of :mod:`jbyz.attacks_extra`), which receive
+        ``ctx["agg_fn"]``: ``(x [n, d], valid [n]) -> [d]``, these stages applied with ``f``
+        (default ``f_real``), a key of their own (independent of the server's randomness) and
+        the stages' states. Stateful stages (centered clipping's centre, clipped clustering's
+        norm history) are mirrored here: after the attack, the stages run once on the submitted
+        rows to advance the copy (a stage that is both stateful and random would draw other
+        numbers than the server's). A rule that takes the server's reference (FLTrust, dSTAR)
+        needs the ``reference`` extra-arg here as well. ``aggregator`` is required when
+        ``attack.uses_rule`` and ignored otherwise; ``f`` (the ``f`` extra-arg overrides it)
+        reaches every attack as ``ctx["f"]`` (Fang et al.'s Krum attack checks Krum's choice
+        with it).
 
     Returns:
       A transform ``[n, ...] -> [n, ...]``.
@@ -517,13 +553,36 @@ def byzantine(
     if n_static is not None and f_static is not None:
         attack.resolved(n_static, f_static)  # warns when ALIE's formula gives a harmless z
     base_key = _resolve_key(key, seed, "byzantine")
+    rule = None
+    if getattr(attack, "uses_rule", False):
+        if aggregator is None:
+            raise ConfigError(
+                f"attack {attack.name!r} simulates the run's aggregation: give byzantine() the "
+                "run's rule, e.g. jbyz.byzantine(attack, f_real=3, num_workers=10, "
+                "aggregator='median', preaggregators=['nnm'], f=3) with the same aggregator, "
+                "preaggregators and f as jbyz.robust_aggregate (or give the attack its own "
+                "aggregator= hyper-parameter)")
+        example = "jbyz.byzantine(attack, 3, 10, aggregator={}, f=3)"
+        rule = (_component(aggregator, "aggregator", "byzantine", example), tuple(
+            _component(p, "preaggregator", "byzantine", example)
+            for p in ((preaggregators,) if isinstance(preaggregators, (str, dict, PreAggregator))
+                      else preaggregators)))
+    f_rule = f
 
     def init_fn(params):
         n = _init_n(num_workers, "byzantine")
         d = _num_params(params)
-        return ByzantineState(attack.init(n, d), base_key, jnp.zeros([], jnp.int32))
+        rule_state = ()
+        if rule is not None:
+            rows, pre_states = n, []
+            for pre in rule[1]:
+                pre_states.append(pre.init(rows, d))
+                rows = pre.out_rows(rows)
+            rule_state = (tuple(pre_states), rule[0].init(rows, d))
+        return ByzantineState(attack.init(n, d), base_key, jnp.zeros([], jnp.int32), rule_state)
 
-    def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, **extra):
+    def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, reference=None,
+                  **extra):
         del extra
         n = _worker_rows(updates, params, num_workers, "byzantine")
         x, unravel = stack_to_matrix(updates)
@@ -531,9 +590,27 @@ def byzantine(
         byz = byzantine_mask(n, f_real) & valid_
         honest = valid_ & ~byz
         step_key, state_key = _step_key(state.key, key, _SALT_ATTACK)
-        ctx = {"step": state.count, "params": params, "f": f_real if f is None else f}
+        f_decl = f if f is not None else (f_rule if f_rule is not None else f_real)
+        ctx = {"step": state.count, "params": params, "f": f_decl}
+        rule_state = state.rule_state
+        if rule is not None:
+            ref = None
+            if getattr(rule[0], "needs_reference", False):
+                if reference is None:
+                    raise ValueError(
+                        f"attack {attack.name!r} evaluates aggregator {rule[0].name!r}, which "
+                        "needs the server's reference vector: pass the same reference=... "
+                        "extra-arg to the byzantine() stage as to robust_aggregate() (in an "
+                        "optax.chain, tx.update(updates, state, params, reference=g0) reaches "
+                        "both)")
+                ref = flat_vector(reference)
+            run = _rule_closure(rule[0], rule[1], f_decl, jax.random.fold_in(step_key, _SALT_RULE),
+                                *rule_state, reference=ref)
+            ctx["agg_fn"] = lambda xx, vv: run(xx, vv)[0]
         x_out, attack_state = attack.apply(x, honest, byz, step_key, state.attack_state, ctx)
-        return unravel(x_out), ByzantineState(attack_state, state_key, state.count + 1)
+        if rule is not None and jax.tree.leaves(rule_state):
+            rule_state = run(x_out.astype(jnp.float32), valid_)[1]  # advance the mirrored states
+        return unravel(x_out), ByzantineState(attack_state, state_key, state.count + 1, rule_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -165,6 +165,9 @@ class Attack:
       resolved: ``(n, f_real) -> dict``: hyper-parameters whose value is decided by the
         setting, as used with ``n`` workers of which ``f_real`` Byzantine (ALIE's ``z``); results
         tables record them as ``attack.<name>`` columns (host; ``{}`` by default).
+      uses_rule: the attack simulates the run's own aggregation (rule-aware attacks of
+        :mod:`jbyz.attacks_extra`): :func:`jbyz.byzantine` must be given the run's aggregator and
+        pre-aggregators and passes ``ctx["agg_fn"]``, ``(x [n, d], valid [n]) -> [d]``.
     """
 
     name: str
@@ -173,6 +176,7 @@ class Attack:
     flips_labels: bool = False
     needs_own_vector: bool = False
     resolved: Callable[[int, int], dict] = _nothing_resolved
+    uses_rule: bool = False
 
     def __call__(self, x, honest=None, byz=None, key=None, state=None, ctx=None):
         if _is_step_count(x) and honest is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import functools
 import math
 import statistics
 
@@ -386,6 +387,11 @@ CONFIGS = [(name, {}) for name in ATTACKS.names()] + [
     ("gaussian", {"centered": True}),
     ("mimic", {"variant": "eigen", "warmup": 2}),
     ("min_sum", {"perturbation": "unit"}),
+    # jbyz/attacks_extra.py (registered lazily: ATTACKS.names() lists them before the import)
+    ("optimal_alie", {"sign": "minus"}),
+    ("gradient_ascent", {"shared": False, "objective": "loss", "steps": 2}),
+    ("fang_trim", {"shared": True}),
+    ("fang_krum", {"center": "mean"}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" if kw else n for n, kw in CONFIGS]
 
@@ -398,6 +404,12 @@ GRID = {
     "ipm": {"eps": [0.1, 1.0, 100.0]},
     "gaussian": {"std": [1.0, 14.0, 0.5]},
     "mimic": {"target": [0, 1, 3]},
+    "optimal_alie": {"delta": [10.0, 3.0, 25.0], "ratio": [0.8, 0.6, 0.95]},
+    "optimal_ipm": {"delta": [10.0, 3.0, 25.0], "ratio": [0.8, 0.6, 0.95]},
+    "gradient_ascent": {"budget": [10.0, 2.0, 0.5], "lr": [0.5, 0.2, 1.0]},
+    "fang_trim": {"b": [2.0, 1.5, 4.0]},
+    "fang_krum": {"threshold": [1e-5, 1e-2, 1.0]},
+    "clipped_clustering_attack": {"scale": [10.0, 1.0, 3.0]},
 }
 
 
@@ -419,8 +431,14 @@ def _steps_run(name, kw, xs, valid, f_real, key, nums):
     return jnp.stack(outs), state
 
 
-def _close(a, b):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+# Relative tolerance of jit = eager and vmap = loop, per registry name (default 1e-5). The gradient
+# attack takes 10 normalised gradient steps (g / ||g||): float32 rounding that differs between
+# eager and compiled execution moves its iterate by about 1e-5 relative (measured 1.1e-5).
+RTOL = {"gradient_ascent": 1e-4}
+
+
+def _close(a, b, rtol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=1e-6)
 
 
 def _sig(state):
@@ -432,6 +450,7 @@ def test_conformance(name, kw):
     """Honest rows unchanged, state as a scan carry, jit = eager, padding, vmap = loop."""
     entry = ATTACKS.entry(name)
     assert entry.description and entry.reference
+    close = functools.partial(_close, rtol=RTOL.get(name, 1e-5))
     assert isinstance(ATTACKS.build(name, **kw), Attack)
     canonical = entry.factory.__name__
     if not kw and canonical != name:
@@ -472,8 +491,8 @@ def test_conformance(name, kw):
     # jit equals eager, and is deterministic.
     steps = jit(lambda xs, valid, f, key, nums: _steps_run(name, kw, xs, valid, f, key, nums))
     jitted, st_j = steps(xs, valid, f_reals[0], KEY, nums[0])
-    _close(jitted, jnp.stack(outs))
-    jax.tree.map(_close, state, st_j)
+    close(jitted, jnp.stack(outs))
+    jax.tree.map(close, state, st_j)
     again, _ = steps(xs, valid, f_reals[0], KEY, nums[0])
     np.testing.assert_array_equal(np.asarray(again), np.asarray(jitted))
 
@@ -489,7 +508,7 @@ def test_conformance(name, kw):
     batched = jit(
         jax.vmap(lambda f, k, nm: _steps_run(name, kw, xs_pad, valid_pad, f, k, nm)[0])
     )(jnp.asarray(f_reals), jnp.stack(keys), jax.tree.map(lambda *a: jnp.stack(a), *nums))
-    _close(np.asarray(batched)[:, :, :N], loop)
+    close(np.asarray(batched)[:, :, :N], loop)
     if name not in ("none", "label_flip"):  # the configurations really differ
         assert not np.allclose(loop[0], loop[2], equal_nan=True)
 
