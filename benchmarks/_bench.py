@@ -43,6 +43,52 @@ def cnn_flop_per_step(n: int, f: int, batch: int) -> float:
     return float((n - f) * batch * CNN_FLOP_PER_SAMPLE)
 
 
+# The CIFAR CNN of the distributed-momentum grid (jbyz ``dm_cnn``, CIFAR-10 32x32x3, SAME 3x3
+# convolutions 64-64-pool-128-128-pool, fc 8192-128-10): multiply-accumulates of one sample's
+# forward: 32*32*64*27 + 32*32*64*576 + 16*16*128*576 + 16*16*128*1152 + 8192*128 + 128*10
+# = 97.19 M; forward + backward ~ 3x forward = 583 MFLOP a sample (BatchNorm, ReLU, pooling and
+# dropout not counted; conv0's input gradient, not computed, counted: ~1% over).
+DM_CNN_MAC_PER_SAMPLE = (32 * 32 * 64 * 27 + 32 * 32 * 64 * 576 + 16 * 16 * 128 * 576
+                         + 16 * 16 * 128 * 1152 + 8 * 8 * 128 * 128 + 128 * 10)
+DM_CNN_FLOP_PER_SAMPLE = 3 * 2 * DM_CNN_MAC_PER_SAMPLE
+
+
+def dm_cnn_flop_per_step(n: int, f: int, batch: int) -> float:
+    """Gradient flops of one ``dm_cnn`` (CIFAR-10) step (honest workers only), fwd + bwd ~ 3x fwd."""
+    return float((n - f) * batch * DM_CNN_FLOP_PER_SAMPLE)
+
+
+# Shapes of the real datasets, for stand-ins where the files are absent (train, test, image, classes).
+_SHAPES = {"fashion_mnist": (60000, 10000, (28, 28, 1), 10), "mnist": (60000, 10000, (28, 28, 1), 10),
+           "cifar10": (50000, 10000, (32, 32, 3), 10), "cifar100": (50000, 10000, (32, 32, 3), 100)}
+
+
+def dataset_or_stand_in(name: str, *, stand_in: str = "auto", **kwargs):
+    """``(jbyz Dataset, note)``: the real dataset, or (``stand_in="auto"`` when its files are
+    missing, or ``"always"``) random data of its exact shapes and sizes, which costs the same
+    to train on (speed and memory figures only; no accuracy means anything on it). ``note`` is
+    ``""`` for the real data, else a sentence saying it is a stand-in."""
+    import numpy as np
+
+    from jbyz import data
+    from jbyz.registry import ConfigError
+
+    if stand_in != "always":
+        try:
+            return data.load_dataset(name, **kwargs), ""
+        except ConfigError:
+            if stand_in == "never":
+                raise
+    n_tr, n_te, shape, classes = _SHAPES[name]
+    rng = np.random.default_rng(0)
+    ds = data.Dataset(name, rng.standard_normal((n_tr, *shape), np.float32),
+                      rng.integers(0, classes, n_tr).astype(np.int32),
+                      rng.standard_normal((n_te, *shape), np.float32),
+                      rng.integers(0, classes, n_te).astype(np.int32), classes, shape,
+                      "classification")
+    return ds, f" [{name} files not found: random stand-in of its shapes]"
+
+
 def workload(name: str, *, seed: int = 0, steps: int = 300, aggregator: str = "median", **over):
     """The race workloads as jbyz :class:`RunConfig` (ByzFL's conventions where they matter).
 
@@ -53,6 +99,9 @@ def workload(name: str, *, seed: int = 0, steps: int = 300, aggregator: str = "m
     ``cnn``: as ``mlp`` (n = 10, f = 3, batch 32) with the small CNN ``lenet``: conv5x5-32 (VALID),
     ReLU, maxpool 2, conv5x5-64 (VALID), ReLU, maxpool 2, fc 1024-10 (default channels (32, 64),
     padding "auto" = VALID at 28x28).
+    ``cifar_cnn``: the CIFAR-10 CNN of the distributed-momentum grid (``dm_cnn``, 583 MFLOP a
+    sample) at that grid's n = 25, f = 11, batch 50, otherwise as ``mlp`` (median, ALIE, worker
+    momentum 0.9, lr 0.1, iid).
     """
     from jbyz.config import RunConfig
 
@@ -66,6 +115,8 @@ def workload(name: str, *, seed: int = 0, steps: int = 300, aggregator: str = "m
         base.update(n_workers=10, f_real=3, model="lenet")
     elif name == "dm":
         base.update(n_workers=51, f_real=24, batch_size=83)
+    elif name == "cifar_cnn":
+        base.update(dataset="cifar10", model="dm_cnn", n_workers=25, f_real=11, batch_size=50)
     else:
         raise ValueError(name)
     base.update(over)

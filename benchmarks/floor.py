@@ -8,12 +8,16 @@ what no Byzantine-robust simulation can avoid (sample the honest workers' batche
 keys, their per-worker gradients with the same flat parameters and ``grad_method``, the mean, an
 SGD step; ``_bench.floor_chunk``). Interleaved, median of ``--repeats``; load average recorded.
 Also prints the GFLOP/s of each (gradient flops only, 0.32 MFLOP a sample) and the floor's
-fraction of the CPU's ~200 GFLOP/s fp32 peak.
+fraction of the CPU's ~200 GFLOP/s fp32 peak (``--peak-gflops``). ``--workload`` picks another
+``_bench.workload`` (``cifar_cnn``: the distributed-momentum grid's CIFAR-10 CNN), ``--n / --f /
+--batch`` override its shape, ``--data auto`` trains on a random stand-in of the dataset's shapes
+when its files are missing (same cost; the speed figures only).
 
     python benchmarks/floor.py --quick
     python benchmarks/floor.py --R 1 8 --rules mean median trimmed_mean krum --width 1
     python benchmarks/floor.py --R 64 --rules median --width 1 --steps 30
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/floor.py --R 8 --width 1 --devices 2
+    python benchmarks/floor.py --workload cifar_cnn --R 8 --rules median --steps 10 --data auto
 
 Writes ``benchmarks/results/floor.json`` (merged by key).
 """
@@ -30,20 +34,24 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _bench import (RESULTS, floor_chunk, interleaved, load, meta, mlp_flop_per_step,  # noqa: E402
-                    over_runs, workload, write_json)
+from _bench import (RESULTS, cnn_flop_per_step, dataset_or_stand_in, dm_cnn_flop_per_step,  # noqa: E402
+                    floor_chunk, interleaved, load, meta, mlp_flop_per_step, over_runs, workload,
+                    write_json)
 
 PEAK_GFLOPS = 200.0
+FLOP_PER_STEP = {"mlp": mlp_flop_per_step, "dm": mlp_flop_per_step, "cnn": cnn_flop_per_step,
+                 "cifar_cnn": dm_cnn_flop_per_step}
 
 
-def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp", devices: int = 1):
+def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp", devices: int = 1,
+          over: dict | None = None):
     import jax
     import jax.numpy as jnp
 
     from jbyz.grid import BatchRunner, GridOptions, _stack
     from jbyz.simulate import get_program
 
-    cfgs = [workload(wl, seed=s, steps=steps, aggregator=rule) for s in range(R)]
+    cfgs = [workload(wl, seed=s, steps=steps, aggregator=rule, **(over or {})) for s in range(R)]
     prog = get_program(cfgs[0], dataset=ds)
     w = max(prog.split_width(c) for c in cfgs)
     inp = jax.tree.map(jnp.asarray, _stack([prog.inputs(c, w) for c in cfgs]))
@@ -92,6 +100,15 @@ def main(argv=None):
     ap.add_argument("--devices", type=int, default=1,
                     help="shard the runs over this many devices, grid and floor alike (on CPU with "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N: one device per core)")
+    ap.add_argument("--workload", default="mlp", choices=list(FLOP_PER_STEP),
+                    help="a _bench.workload (cifar_cnn: dm_cnn on CIFAR-10, n=25 f=11 b=50)")
+    ap.add_argument("--n", type=int, default=None, help="override the workload's n_workers")
+    ap.add_argument("--f", type=int, default=None, help="override the workload's f_real")
+    ap.add_argument("--batch", type=int, default=None, help="override the workload's batch_size")
+    ap.add_argument("--data", default="real", choices=["real", "auto", "stand-in"],
+                    help="auto: a random stand-in of the dataset's shapes if its files are missing")
+    ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS,
+                    help="the device's fp32 peak for the %%peak column (default: this 2-core CPU)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--key", default=None)
     ap.add_argument("--out", default=str(RESULTS / "floor.json"))
@@ -99,11 +116,29 @@ def main(argv=None):
     if args.quick:
         args.rules, args.R, args.steps, args.repeats = ["median"], [4], 10, 2
 
-    from jbyz import data
-
-    ds = data.load_dataset("fashion_mnist")
-    flop = mlp_flop_per_step(10, 3, 32)
+    over = {k: v for k, v in (("n_workers", args.n), ("f_real", args.f), ("batch_size", args.batch))
+            if v is not None}
+    shape = workload(args.workload, **over)
+    ds, note = dataset_or_stand_in(shape.dataset, stand_in={"real": "never", "auto": "auto",
+                                                            "stand-in": "always"}[args.data],
+                                   **dict(shape.dataset_kwargs))
+    flop = FLOP_PER_STEP[args.workload](shape.n_workers, shape.f_real, shape.batch_size)
+    print(f"workload {args.workload}: {shape.dataset}{note}, {shape.model}, n={shape.n_workers} "
+          f"f={shape.f_real} batch={shape.batch_size}, {flop / 1e6:.1f} MFLOP of gradients a step",
+          flush=True)
     rows = []
+    out = Path(args.out)
+    key = args.key or ("quick" if args.quick else f"R{'-'.join(map(str, args.R))}:w{args.width or 'R'}"
+                                          + (f":d{args.devices}" if args.devices > 1 else "")
+                                          + (f":{args.workload}" if args.workload != "mlp" else ""))
+
+    def save():  # after every row, so that a run stopped by a timeout keeps what it measured
+        old = json.loads(out.read_text()) if out.exists() else {}
+        old[key] = dict(meta=meta(), workload=args.workload, shape=dict(
+            n=shape.n_workers, f=shape.f_real, batch=shape.batch_size, model=shape.model,
+            dataset=shape.dataset + note), flop_per_step=flop, rows=rows)
+        write_json(out, old)
+
     print(f"{'rule':<14}{'R':>4}{'width':>6}{'jbyz run-steps/s':>18}{'floor':>9}{'ratio':>7}"
           f"{'jbyz GFLOP/s':>14}{'floor GFLOP/s':>15}{'floor %peak':>12}{'CPU ratio':>10}{'load':>6}", flush=True)
     for R in args.R:
@@ -111,14 +146,15 @@ def main(argv=None):
         for rule in args.rules:
             if R % args.devices:
                 sys.exit(f"--R {R} is not a multiple of --devices {args.devices}")
-            jb, fl, info = build(rule, R, width, args.steps, ds, devices=args.devices)
+            jb, fl, info = build(rule, R, width, args.steps, ds, wl=args.workload,
+                                 devices=args.devices, over=over)
             res = interleaved({"floor": fl, "jbyz": jb}, args.repeats)
             f_rs = R * args.steps / res["floor"]["median_s"]
             j_rs = R * args.steps / res["jbyz"]["median_s"]
             row = dict(rule=rule, R=R, steps=args.steps,
                        jbyz_run_steps_per_s=j_rs, floor_run_steps_per_s=f_rs, ratio=f_rs / j_rs,
                        jbyz_gflops=j_rs * flop / 1e9, floor_gflops=f_rs * flop / 1e9,
-                       floor_fraction_of_peak=f_rs * flop / 1e9 / PEAK_GFLOPS,
+                       floor_fraction_of_peak=f_rs * flop / 1e9 / args.peak_gflops,
                        jbyz_cpu_ms_per_run_step=1e3 * res["jbyz"]["median_cpu_s"] / (R * args.steps),
                        floor_cpu_ms_per_run_step=1e3 * res["floor"]["median_cpu_s"] / (R * args.steps),
                        cpu_ratio=res["jbyz"]["median_cpu_s"] / res["floor"]["median_cpu_s"],
@@ -126,16 +162,12 @@ def main(argv=None):
                        cpu_s={k: v["cpu_s"] for k, v in res.items()},
                        load=res["jbyz"]["load"] + res["floor"]["load"], **info)
             rows.append(row)
+            save()
             print(f"{rule:<14}{R:>4}{info['width']:>6}{j_rs:>18.1f}{f_rs:>9.1f}{f_rs / j_rs:>7.2f}"
                   f"{j_rs * flop / 1e9:>14.2f}{f_rs * flop / 1e9:>15.2f}"
-                  f"{100 * f_rs * flop / 1e9 / PEAK_GFLOPS:>11.1f}%{row['cpu_ratio']:>10.2f}{load():>6.1f}",
+                  f"{100 * f_rs * flop / 1e9 / args.peak_gflops:>11.1f}%{row['cpu_ratio']:>10.2f}{load():>6.1f}",
                   flush=True)
-    out = Path(args.out)
-    old = json.loads(out.read_text()) if out.exists() else {}
-    key = args.key or ("quick" if args.quick else f"R{'-'.join(map(str, args.R))}:w{args.width or 'R'}"
-                                          + (f":d{args.devices}" if args.devices > 1 else ""))
-    old[key] = dict(meta=meta(), flop_per_step=flop, rows=rows)
-    write_json(out, old)
+    save()
     print(f"wrote {out} [{key}]")
 
 
