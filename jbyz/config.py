@@ -48,7 +48,7 @@ from typing import Any, Mapping
 from jbyz.registry import ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "split": ("shared", "iid", "dirichlet", "extreme"),
+    "split": ("shared", "iid", "dirichlet", "extreme", "gamma_similarity", "shards"),
     "lr_schedule": ("constant", "cosine", "inverse_time", "step"),
     "momentum_at": ("worker", "server", "none"),
     "momentum_form": ("ema", "sum"),
@@ -62,6 +62,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling": ("replacement", "epoch_stream"),
     "train_forward": ("train", "eval"),
     "clip_form": ("radius", "unit"),
+    "fed_send": ("pseudo_gradient", "weights"),
+    "client_fraction_of": ("all", "honest"),
 }
 
 # Fields added after results were first published, with a default that reproduces the earlier
@@ -69,7 +71,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # before a field existed keep their ids and a grid still resumes.
 _HASH_OMIT_AT_DEFAULT = {"augment": "none", "curvature_window": None, "momentum_first": "gradient",
                          "augment_test": "none", "nesterov_form": "pytorch",
-                         "sampling": "replacement", "train_forward": "train", "clip_form": "radius"}
+                         "sampling": "replacement", "train_forward": "train", "clip_form": "radius",
+                         "local_steps": 1, "local_lr": None, "fed_send": "pseudo_gradient",
+                         "client_fraction": None, "client_fraction_of": "all"}
+
+_HASH_OMIT_AT_DEFAULT.update({"gamma": 0.5, "shards_per_worker": 2, "split_seed": None,
+                              "validation_size": 0})  # the data-split fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +88,23 @@ class RunConfig:
       model, model_kwargs: a ``jbyz.models.MODELS`` entry and its arguments.
       split: how training data is assigned to workers: ``shared`` (every worker samples the
         whole training set), ``iid`` (equal random shards), ``dirichlet`` (label skew with
-        ``dirichlet_alpha``), ``extreme`` (label-sorted shards).
+        ``dirichlet_alpha``), ``extreme`` (label-sorted shards), ``gamma_similarity`` (ByzFL's:
+        a fraction ``gamma`` of the samples dealt iid, the rest label-sorted), ``shards``
+        (McMahan et al.'s pathological split, as Blades: label-sorted shards,
+        ``shards_per_worker`` of them each); see :func:`jbyz.data.split_workers`. Byzantine
+        workers get their share too (label flippers train on it).
+      gamma: the iid fraction of ``split="gamma_similarity"``, in ``[0, 1]`` (1: ``iid``, 0:
+        ``extreme``).
+      shards_per_worker: the shards each worker holds with ``split="shards"`` (integer >= 1).
+      split_seed: seeds the data split and the validation hold-out; ``None`` (default): the
+        run's ``seed``. With it set, runs of different ``seed`` share one split and runs of
+        different ``split_seed`` differ in their split only (initialisation and every draw of
+        the training follow ``seed``).
+      validation_size: training samples held out of the workers' data, a uniform random subset
+        drawn with the split seed (before the split; never one of the server's
+        ``server_validation`` samples, which are the last ones of the training set). Each
+        evaluation reports ``val_loss`` and ``val_accuracy`` on them beside ``test_loss`` and
+        ``test_accuracy`` (without ``augment_test`` flips). Not with ``sampling="epoch_stream"``.
       n_workers: number of workers ``n`` (Byzantine included).
       f_real: how many workers are Byzantine (the first ``f_real`` slots).
       f: how many Byzantine workers the aggregator assumes (default ``f_real``).
@@ -163,6 +186,26 @@ class RunConfig:
         ``eval`` runs it as at test time (dropout off, BatchNorm on its running statistics,
         which then never change from their initial values): what El Mhamdi et al.'s code does,
         by accident, for its CIFAR CNN.
+      local_steps, local_lr, fed_send: federated rounds (FedAvg, McMahan et al., AISTATS 2017;
+        with a server optimiser, Reddi et al., ICLR 2021). With ``local_lr`` set, every sampled
+        worker starts the round from the server's :math:`\\theta` and takes ``local_steps``
+        SGD steps of rate ``local_lr`` on fresh mini-batches of its data, reaching
+        :math:`\\theta_i^K`; it sends the pseudo-gradient :math:`\\theta - \\theta_i^K`
+        (``fed_send="pseudo_gradient"``, default) or its weights :math:`\\theta_i^K`
+        (``"weights"``, ByzFL's FedAvg: the attack and the rule then act on weights, and the
+        server steps along :math:`\\theta - \\mathrm{Agg}(\\theta_i^K)`, so ``lr = 1`` without
+        server momentum sets :math:`\\theta \\leftarrow \\mathrm{Agg}`). The server applies its
+        usual stages to the aggregate (``lr``, its schedule, ``momentum_at="server"``:
+        FedAvgM). ``local_lr`` unset: workers send their gradient (distributed SGD).
+        BatchNorm statistics: each local step starts from the round's global statistics; the
+        honest workers' statistics after their last step are averaged.
+      client_fraction, client_fraction_of: client sampling: each round a fresh uniform sample
+        without replacement of :math:`m = \\lfloor p\\,N \\rfloor` of the workers takes part
+        (the others are invalid rows: they send nothing and keep their state), with ``p`` =
+        ``client_fraction`` and ``N`` = ``n_workers`` (``client_fraction_of="all"``) or
+        ``n_workers - f_real`` (``"honest"``, ByzFL's count). Byzantine workers are sampled
+        like the others, so how many take part varies by round; the rule keeps its declared
+        ``f``. ``None``: everyone, every round.
       seed: seeds data split, model initialisation and every random draw of the run.
     """
 
@@ -172,6 +215,10 @@ class RunConfig:
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     split: str = "shared"
     dirichlet_alpha: float = 1.0
+    gamma: float = 0.5
+    shards_per_worker: int = 2
+    split_seed: int | None = None
+    validation_size: int = 0
     n_workers: int = 10
     f_real: int = 3
     f: int | None = None
@@ -210,6 +257,11 @@ class RunConfig:
     augment_test: str = "none"
     sampling: str = "replacement"
     train_forward: str = "train"
+    local_steps: int = 1
+    local_lr: float | None = None
+    fed_send: str = "pseudo_gradient"
+    client_fraction: float | None = None
+    client_fraction_of: str = "all"
     seed: int = 0
 
     @property
@@ -241,6 +293,11 @@ class RunConfig:
         """A short human-readable label (aggregator / attack)."""
         agg = self.aggregator + "".join(f"+{p[0]}" for p in _norm_pre(self.preaggregators))
         return f"{agg} / {self.attack}"
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data split and validation hold-out: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def config_hash(self) -> str:
         d = self.to_dict()
@@ -321,6 +378,15 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
     if cfg.compute_budget is not None:
         cfg = dataclasses.replace(cfg, steps=budget_steps(cfg))
     return cfg
+
+
+def clients_per_round(cfg: RunConfig) -> int:
+    """How many workers take part in each round: ``floor(client_fraction * N)`` (``N`` per
+    ``client_fraction_of``), or ``n_workers`` without client sampling."""
+    if cfg.client_fraction is None:
+        return cfg.n_workers
+    base = cfg.n_workers - (cfg.f_real if cfg.client_fraction_of == "honest" else 0)
+    return int(cfg.client_fraction * base + 1e-9)
 
 
 def budget_steps(cfg: RunConfig) -> int:

@@ -49,6 +49,12 @@ References:
   Krizhevsky (2009), Learning multiple layers of features from tiny images.
   Hsu, Qi & Brown (2019), Measuring the effects of non-identical data distribution for federated
   visual classification. arXiv:1909.06335.
+  McMahan, Moore, Ramage, Hampson & Agüera y Arcas (2017), Communication-efficient learning of
+  deep networks from decentralized data (AISTATS): the pathological ``shards`` split.
+  González, Guerraoui, Pinot, Rizk, Stephan & Taïani (2025), ByzFL: research framework for
+  robust federated learning. arXiv:2505.24802: the ``gamma_similarity`` split.
+  Li, Ngai, Ye, Ju, Zhang & Voigt (2024), Blades: a unified benchmark suite for Byzantine attacks
+  and defenses in federated learning: its ``ShardPartitioner`` (in fedlib).
   El-Mhamdi, Guerraoui & Rouault (2021), Distributed momentum for Byzantine-resilient SGD (ICLR).
 """
 
@@ -79,6 +85,8 @@ __all__ = [
     "WorkerSplit",
     "load_dataset",
     "split_workers",
+    "split_training_set",
+    "hold_out",
     "sample_indices",
     "flip_labels",
     "read_idx",
@@ -677,9 +685,10 @@ def _dirichlet_shards(y: np.ndarray, n: int, alpha: float, rng) -> list[np.ndarr
 
 
 def split_workers(
-    y, n_workers: int, kind: str = "iid", *, alpha: float = 1.0, seed: int = 0
+    y, n_workers: int, kind: str = "iid", *, alpha: float = 1.0, gamma: float = 0.5,
+    shards_per_worker: int = 2, seed: int = 0
 ) -> WorkerSplit:
-    """Assigns training samples to workers.
+    r"""Assigns training samples to workers.
 
     Kinds:
 
@@ -692,27 +701,48 @@ def split_workers(
       the largest ones.
     * ``"extreme"``: samples sorted by label (stable), cut into contiguous shards: each worker sees
       one or two classes.
+    * ``"gamma_similarity"``: ByzFL's ``gamma_similarity_niid`` (``DataDistributor``, LPD-EPFL/byzfl
+      at 69bd1ac): a random :math:`\lfloor \gamma N \rfloor` of the samples (the first ones of a
+      random permutation, as ByzFL's benchmark, whose training set is a shuffled ``random_split``)
+      are dealt as ``"iid"``, the other :math:`N - \lfloor \gamma N \rfloor` as ``"extreme"``
+      (sorted by label, then by index; contiguous shards); worker ``i`` gets its iid shard and
+      its label-sorted shard. ``gamma = 1`` is exactly ``"iid"`` (same seed), ``gamma = 0`` holds
+      the same samples per worker as ``"extreme"``.
+    * ``"shards"``: the pathological non-iid split of McMahan et al. (2017), as Blades'
+      ``ShardPartitioner`` (fedlib at 3f95f0a): samples sorted by label (stable) are cut into
+      ``shards_per_worker * n_workers`` contiguous shards whose sizes differ by at most 1 (the
+      first ``N mod (k n)`` one longer), the shards are shuffled and worker ``i`` gets shards
+      ``k i .. k i + k - 1`` of that order: exactly ``k = shards_per_worker`` shards each, so at
+      most ``k`` classes when the shards do not straddle a class boundary (up to ``2k``
+      otherwise). fedlib instead gives each shuffled shard to the worker holding the fewest
+      samples so far: the same shards, also ``k`` per worker when every shard holds at least
+      ``k`` samples, another (equally random) pairing.
 
     Args:
-      y: ``[N]`` labels (any array-like; regression targets are allowed for ``shared`` / ``iid`` /
-        ``extreme``).
+      y: ``[N]`` labels (any array-like; regression targets are allowed for every kind except
+        ``dirichlet``: they are sorted by value).
       n_workers: number of workers, ``1 <= n_workers <= N`` (except ``shared``).
-      kind: ``"shared"`` | ``"iid"`` | ``"dirichlet"`` | ``"extreme"``.
+      kind: one of ``jbyz.config.CHOICES["split"]``: ``"shared"``, ``"iid"``, ``"dirichlet"``,
+        ``"extreme"``, ``"gamma_similarity"``, ``"shards"``.
       alpha: Dirichlet concentration (> 0).
+      gamma: the iid fraction of ``gamma_similarity``, in ``[0, 1]``.
+      shards_per_worker: ``k`` of ``shards`` (an integer >= 1; ``k * n_workers <= N``).
       seed: numpy seed of the split.
 
     Returns:
       A :class:`WorkerSplit` with an int32 ``[n_workers, m_max]`` index table.
 
     Raises:
-      ConfigError: unknown kind, ``n_workers`` out of range, ``alpha <= 0``, or non-integer labels
-        for ``dirichlet``.
+      ConfigError: unknown kind, ``n_workers`` out of range, ``alpha <= 0``, ``gamma`` outside
+        ``[0, 1]``, ``shards_per_worker`` < 1 or more shards than samples, a worker left without
+        samples by ``gamma_similarity`` (``N < 2 n_workers``), or non-integer labels for
+        ``dirichlet``.
     """
     y = np.asarray(y)
     if y.ndim != 1:
         raise ConfigError(f"split_workers needs labels of shape [N], got {y.shape}")
     n_samples = len(y)
-    kinds = ("shared", "iid", "dirichlet", "extreme")
+    kinds = CHOICES["split"]  # the one list of split kinds (RunConfig.split)
     if kind not in kinds:
         raise ConfigError(f"unknown split kind {kind!r}; valid: {', '.join(kinds)}")
     if int(n_workers) != n_workers or n_workers < 1:
@@ -736,6 +766,36 @@ def split_workers(
     if kind == "extreme":
         order = np.argsort(y, kind="stable")
         return _pack(list(np.array_split(order, n_workers)))
+    if kind == "gamma_similarity":
+        if isinstance(gamma, bool) or not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"gamma_similarity split needs 0 <= gamma <= 1, got {gamma!r}")
+        perm = rng.permutation(n_samples)
+        n_iid = int(n_samples * gamma)  # ByzFL: int(len(idx) * gamma)
+        rest = np.sort(perm[n_iid:])
+        rest = rest[np.argsort(y[rest], kind="stable")]  # by label, then by index
+        parts = [np.sort(np.concatenate([a, b])) for a, b in zip(
+            np.array_split(perm[:n_iid], n_workers), np.array_split(rest, n_workers))]
+        empty = [i for i, s in enumerate(parts) if len(s) == 0]
+        if empty:
+            raise ConfigError(
+                f"gamma_similarity split of {n_samples} samples over {n_workers} workers (gamma="
+                f"{gamma}) leaves worker(s) {empty} without samples; use n_workers <= "
+                f"{n_samples // 2} or gamma in {{0, 1}}")
+        return _pack(parts)
+    if kind == "shards":
+        k = shards_per_worker
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ConfigError(f"shards split needs shards_per_worker >= 1 (an integer), got {k!r}")
+        n_shards = int(k) * n_workers
+        if n_shards > n_samples:
+            raise ConfigError(
+                f"shards split: {int(k)} shards per worker x {n_workers} workers = {n_shards} "
+                f"shards, more than the {n_samples} samples; use shards_per_worker <= "
+                f"{n_samples // n_workers}")
+        shards = np.array_split(np.argsort(y, kind="stable"), n_shards)
+        order = rng.permutation(n_shards)
+        return _pack([np.sort(np.concatenate([shards[j] for j in order[i * k:(i + 1) * k]]))
+                      for i in range(n_workers)])
     # dirichlet
     if not alpha > 0:
         raise ConfigError(f"dirichlet split needs alpha > 0, got {alpha!r}")
@@ -755,6 +815,49 @@ def split_workers(
             donor = max(range(n_workers), key=lambda i: len(shards[i]))
             shards[w].append(shards[donor].pop())
     return _pack([np.sort(np.asarray(s, np.int64)) for s in shards])
+
+
+# Salt of the validation hold-out's numpy stream (a stream apart from the split's own draws).
+_SALT_HOLD_OUT = 0x7A11D
+
+
+def hold_out(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform random subset of ``size`` of ``range(n)`` and the rest, both sorted (int64).
+
+    The draw is its own numpy stream, keyed by ``seed`` (a run's split seed), so the samples
+    held out do not depend on the split drawn from the rest.
+
+    Raises:
+      ConfigError: ``size`` not an integer in ``[0, n)`` (at least one sample must remain).
+    """
+    if isinstance(size, bool) or int(size) != size or not 0 <= size < n:
+        raise ConfigError(
+            f"validation_size={size!r} must be an integer >= 0 and below the {n} training samples "
+            "it is taken from (after the server's server_validation samples)")
+    rng = np.random.default_rng([_SALT_HOLD_OUT, int(seed) % 2**32])
+    held = np.zeros(n, bool)
+    held[rng.permutation(n)[: int(size)]] = True
+    return np.flatnonzero(held), np.flatnonzero(~held)
+
+
+def split_training_set(
+    y, n_workers: int, kind: str = "iid", *, validation_size: int = 0, seed: int = 0, **kwargs
+) -> tuple[WorkerSplit, np.ndarray]:
+    """Holds ``validation_size`` samples out of ``y`` (:func:`hold_out`), splits the rest over
+    the workers (:func:`split_workers`, with ``kind``, ``seed`` and ``kwargs``).
+
+    Returns:
+      ``(split, held)``: the :class:`WorkerSplit` in indices of ``y`` (never a held-out one) and
+      the int32 held-out indices (empty for ``validation_size=0``, when ``split`` is exactly
+      ``split_workers(y, n_workers, kind, seed=seed, **kwargs)``).
+    """
+    y = np.asarray(y)
+    if not validation_size:
+        return split_workers(y, n_workers, kind, seed=seed, **kwargs), np.zeros(0, np.int32)
+    held, kept = hold_out(len(y), validation_size, seed)
+    split = split_workers(y[kept], n_workers, kind, seed=seed, **kwargs)
+    return (WorkerSplit(indices=kept[split.indices].astype(np.int32), sizes=split.sizes),
+            held.astype(np.int32))
 
 
 def sample_indices(key, indices_row, size, batch_size: int) -> jax.Array:

@@ -241,11 +241,11 @@ class BatchRunner:
         if self._eval is None:
             prog = self.prog
 
-            def f(carry, test):
-                one = lambda c: prog.evaluate(c.params, c.model_state, test, c.eval_key)
-                return self._mapped(one, self.local)(carry)
+            def f(carry, val_indices, train, test):
+                one = lambda cv: prog.evaluate_run(cv[0], train, test, cv[1])
+                return self._mapped(one, self.local)((carry, val_indices))
 
-            self._eval = jax.jit(self._shard(f, (True, False), True))
+            self._eval = jax.jit(self._shard(f, (True, True, False, False), True))
         return self._eval
 
     def chunk_fn(self, length: int, args):
@@ -334,7 +334,7 @@ def run_batch(program, batch: Batch, options: GridOptions, ndev: int, *, bar=Non
             row["_run"] = i
             rows.append(row)
 
-    record(0, ev(carry, test))
+    record(0, ev(carry, inputs.val_indices, train, test))
     t = 0
     t0_wall = time.perf_counter()
     while t < cfg0.steps:
@@ -343,7 +343,7 @@ def run_batch(program, batch: Batch, options: GridOptions, ndev: int, *, bar=Non
         fn = runner.chunk_fn(length, (carry, t0, inputs, train))
         carry, ms = fn(carry, t0, inputs, train)
         t += length
-        record(t, ev(carry, test), ms)
+        record(t, ev(carry, inputs.val_indices, train, test), ms)
         if bar is not None:
             bar.update(length * R)
     wall = time.perf_counter() - t0_wall

@@ -127,9 +127,20 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     Tables written by earlier versions of jbyz: ``config_hash`` (a copy of ``run_id``) is
     dropped, an empty ``f`` is filled with ``f_real`` (the declared ``f`` the run used), and the
     scalar hyper-parameters in the ``<component>_kwargs`` JSON columns become
-    ``<component>.<name>`` columns (:func:`hyperparameter_columns`).
+    ``<component>.<name>`` columns (:func:`hyperparameter_columns`); configuration fields added
+    later (``local_steps``, ``split_seed``, ...) that an older part lacks get the default that
+    reproduces what that part ran (the same defaults that keep its run id).
     """
+    from jbyz.config import _HASH_OMIT_AT_DEFAULT
+
     df = df.copy()
+    for field, default in _HASH_OMIT_AT_DEFAULT.items():
+        if default is not None and field in df.columns and df[field].isna().any():
+            filled = df[field].astype(object).where(df[field].notna(), default)
+            filled = filled.infer_objects()
+            if isinstance(default, int) and not isinstance(default, bool):
+                filled = pd.to_numeric(filled).astype("int64")
+            df[field] = filled
     if "config_hash" in df.columns and "run_id" in df.columns:
         h = df["config_hash"]
         if (h.isna() | (h.astype(object) == df["run_id"].astype(object))).all():  # a copy (or absent)

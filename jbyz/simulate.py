@@ -35,7 +35,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jbyz import attacks, chain, data, models, schedules
-from jbyz.config import RunConfig
+from jbyz.config import RunConfig, clients_per_round
 from jbyz.schedules import per_epoch_schedule
 from jbyz.validation import check
 from jbyz.registry import ConfigError
@@ -48,13 +48,19 @@ _SALT_PROTOCOL = 3
 _SALT_AUGMENT = 4
 _SALT_STREAM = 5
 _SALT_EVAL = 6
+_SALT_SAMPLE = 7  # client sampling (client_fraction)
+_SALT_LOCAL = 8  # the batches of local steps 2..K (local_steps)
 
 # Diagnostics also recorded step by step (a list per evaluation row, ``<name>_steps``).
 PER_STEP_METRICS = ("train_loss", "vnr_sampled", "vnr_submitted")
 
 # Fields a compiled program takes as array arguments (vary freely inside one group of a grid).
 DYNAMIC_FIELDS = ("seed", "lr", "momentum", "weight_decay", "f_real", "f", "clip_per_worker",
-                  "n_workers", "dirichlet_alpha", "first_k")
+                  "n_workers", "dirichlet_alpha", "first_k", "local_lr", "client_fraction",
+                  "client_fraction_of")
+
+# The data-split values only change a run's index table, an array argument too.
+DYNAMIC_FIELDS += ("gamma", "shards_per_worker", "split_seed")
 
 
 class Carry(NamedTuple):
@@ -82,6 +88,8 @@ class Dyn(NamedTuple):
     clip: jax.Array  # clipping radius (unused when the static config does not clip)
     n_valid: jax.Array  # int32, real worker slots (the rest is padding)
     k: jax.Array  # int32, first-k: arrivals kept per round (n_workers when waiting for all)
+    local_lr: jax.Array  # float32, the workers' local SGD rate (unused without local steps)
+    m_sample: jax.Array  # int32, workers sampled per round (n_workers without client sampling)
 
 
 class RunInputs(NamedTuple):
@@ -92,6 +100,7 @@ class RunInputs(NamedTuple):
     model_state0: Any
     indices: jax.Array  # [n_max, m] int32, worker data split (padded)
     sizes: jax.Array  # [n_max] int32
+    val_indices: Any = ()  # [validation_size] int32, the held-out training samples (or ())
 
 
 @dataclasses.dataclass
@@ -162,6 +171,8 @@ def static_key(cfg: RunConfig, *, pad_workers: bool = False) -> str:
     d["weight_decay"] = cfg.weight_decay > 0
     d["clip_per_worker"] = cfg.clip_per_worker is not None
     d["first_k"] = cfg.first_k is not None
+    d["local_lr"] = cfg.local_lr is not None
+    d["client_fraction"] = cfg.client_fraction is not None
     d["compute_budget"] = None  # it only decides `steps`, which is in the key
     if not pad_workers or per_epoch_schedule(cfg):
         d["n_workers"] = cfg.n_workers  # (a per-epoch schedule's epoch length depends on it)
@@ -212,6 +223,9 @@ class Program:
         # removed from the workers' data.
         self.n_server = int(cfg.server_validation)
         self.n_worker_samples = len(ds.y_train) - self.n_server
+        # validation_size held-out samples: a random subset of the others (the run's split
+        # seed), never the server's; the workers train on the remaining ones.
+        self.n_val = int(cfg.validation_size)
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------ host-side inputs
@@ -225,8 +239,7 @@ class Program:
         n = self.n
         model = self.build_model(cfg.seed)
         flat, _ = ravel_pytree(model.params)
-        split = data.split_workers(self.dataset.y_train[:self.n_worker_samples], cfg.n_workers,
-                                   cfg.split, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+        split, val = self._split(cfg)
         idx, sizes = split.indices, split.sizes
         m = max(idx.shape[1], width or 0)
         idx = np.pad(idx, ((0, n - idx.shape[0]), (0, m - idx.shape[1])), mode="edge")
@@ -241,17 +254,25 @@ class Program:
             clip=np.float32(cfg.clip_per_worker or 0.0),
             n_valid=np.int32(cfg.n_workers),
             k=np.int32(cfg.first_k if cfg.first_k is not None else cfg.n_workers),
+            local_lr=np.float32(cfg.local_lr or 0.0),
+            m_sample=np.int32(clients_per_round(cfg)),
         )
         return RunInputs(dyn, np.asarray(flat), jax.tree.map(np.asarray, model.state),
-                         idx.astype(np.int32), sizes.astype(np.int32))
+                         idx.astype(np.int32), sizes.astype(np.int32), val if self.n_val else ())
 
     def split_width(self, cfg: RunConfig) -> int:
         """Width of the padded index table of ``cfg``'s data split (to stack runs of a group)."""
         if cfg.split == "shared":
-            return self.n_worker_samples
-        split = data.split_workers(self.dataset.y_train[:self.n_worker_samples], cfg.n_workers, cfg.split,
-                                   alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-        return int(split.indices.shape[1])
+            return self.n_worker_samples - self.n_val
+        return int(self._split(cfg)[0].indices.shape[1])
+
+    def _split(self, cfg: RunConfig) -> tuple[data.WorkerSplit, np.ndarray]:
+        """``cfg``'s worker split and held-out validation samples (both dataset indices) of the
+        training samples before the server's (:func:`jbyz.data.split_training_set`)."""
+        return data.split_training_set(
+            self.dataset.y_train[:self.n_worker_samples], cfg.n_workers, cfg.split,
+            validation_size=self.n_val, seed=cfg.data_seed, alpha=cfg.dirichlet_alpha,
+            gamma=cfg.gamma, shards_per_worker=cfg.shards_per_worker)
 
     # ------------------------------------------------------------------ optimiser pieces
     def worker_stages(self, dyn: Dyn):
@@ -266,11 +287,13 @@ class Program:
         """The four optax stages of a run (:func:`jbyz.chain.optimizer_chain`), closed over its
         dynamic values (traced or concrete)."""
         return chain.optimizer_chain(self.cfg, self.components, dyn, n=self.n,
-                                     rows=self.grad_rows, samples_per_run=self.n_worker_samples)
+                                     rows=self.grad_rows,
+                                     samples_per_run=self.n_worker_samples - self.n_val)
 
     def lr_schedule(self, lr):
         """The learning-rate schedule ``t -> lr_t`` of this group (``lr`` may be traced)."""
-        return schedules.lr_schedule(self.cfg, lr, samples_per_run=self.n_worker_samples)
+        return schedules.lr_schedule(self.cfg, lr,
+                                     samples_per_run=self.n_worker_samples - self.n_val)
 
     def init(self, inp: RunInputs) -> Carry:
         """The initial carry of one run (traceable; vmap it over runs)."""
@@ -311,22 +334,21 @@ class Program:
             loss = loss + (0.5 * wd * sq if cfg.l2_form == "squared" else wd * jnp.sqrt(sq))
         return loss, new_state
 
-    def step(self, carry: Carry, t, inp: RunInputs, train):
-        cfg, n, rows = self.cfg, self.n, self.grad_rows
-        dyn = inp.dyn
+    def _batches(self, wkeys, inp: RunInputs, dyn: Dyn, t, train, byz, *, stream: bool = True):
+        """The gradient rows' mini-batches ``(x, y, mask)``, drawn with the per-row ``wkeys``
+        (``mask``: ``None``, or the valid samples of a short last batch of an epoch stream)."""
+        cfg, n = self.cfg, self.n
+        first = n - self.grad_rows
         x_all, y_all = train
-        step_key = jax.random.fold_in(jax.random.key(dyn.seed), t)
-        first = n - rows  # slots [first, n) compute gradients
-        worker_ids = jnp.arange(first, n)
-        wkeys = jax.vmap(lambda w: jax.random.fold_in(step_key, w))(worker_ids)
         idx = jax.vmap(data.sample_indices, in_axes=(0, 0, 0, None))(
             wkeys, inp.indices[first:], inp.sizes[first:], cfg.batch_size)
         bmask = None
-        if cfg.sampling == "epoch_stream":
+        if stream and cfg.sampling == "epoch_stream":
             # One shuffled stream of epochs shared by the workers: at step t the h honest
             # workers (slots f_real .. n_valid - 1, in order) take batches t h .. t h + h - 1.
             # Other slots that compute a gradient (Byzantine label flippers) keep their own
             # with-replacement draws.
+            worker_ids = jnp.arange(first, n)
             h = dyn.n_valid - dyn.f_real
             j = worker_ids - dyn.f_real
             use = (j >= 0) & (j < h)
@@ -339,10 +361,62 @@ class Program:
         if cfg.augment != "none":
             akeys = jax.vmap(lambda k: jax.random.fold_in(k, _SALT_AUGMENT))(wkeys)
             xb = jax.vmap(lambda k, xw: data.augment_images(k, xw, cfg.augment))(akeys, xb)
-        valid = jnp.arange(n) < dyn.n_valid
-        byz = byzantine_mask(n, dyn.f_real) & valid
         if self.attack.flips_labels:
             yb = jnp.where(byz[first:, None], data.flip_labels(yb, self.dataset.num_classes), yb)
+        return xb, yb, bmask
+
+    def _grad_fn(self, wd, params_axis=None):
+        """``(params, state, x, (y, mask), keys) -> ((loss, state), grad)`` per gradient row."""
+        loss = functools.partial(self._loss, wd=wd)
+        return models.map_workers(
+            lambda p, s, x, y, k: jax.value_and_grad(loss, has_aux=True)(
+                p, s, x, y[0], k, mask=y[1]),
+            self.grad_method, params_axis=params_axis)
+
+    def _local_rounds(self, carry: Carry, first_grads, first_losses, first_states, wkeys,
+                      inp: RunInputs, dyn: Dyn, t, train, byz):
+        """FedAvg's local training (``local_lr`` set): every gradient row starts at the server's
+        ``theta``; its first SGD step uses the gradient already taken there, steps 2..K draw
+        fresh batches (keys ``fold_in(fold_in(worker key, _SALT_LOCAL), k)``) at the row's own
+        parameters, the model state fixed at the round's global one.
+
+        Returns what the rows send (``theta - theta_K`` or ``theta_K``, per ``fed_send``), each
+        row's loss averaged over its K steps, and its model state after the last step.
+        """
+        cfg = self.cfg
+        theta = carry.params
+        w = theta[None, :] - dyn.local_lr * first_grads
+        loss_sum, states = first_losses, first_states
+        if cfg.local_steps > 1:
+            grad_fn = self._grad_fn(dyn.weight_decay, params_axis=0)
+
+            def body(c, k):
+                w, loss_sum, _ = c
+                keys = jax.vmap(lambda kk: jax.random.fold_in(
+                    jax.random.fold_in(kk, _SALT_LOCAL), k))(wkeys)
+                xb, yb, _ = self._batches(keys, inp, dyn, t, train, byz, stream=False)
+                dkeys = jax.vmap(lambda kk: jax.random.fold_in(kk, _SALT_DROPOUT))(keys)
+                (losses, st), g = grad_fn(w, carry.model_state, xb, (yb, None), dkeys)
+                return (w - dyn.local_lr * g, loss_sum + losses, st), None
+
+            (w, loss_sum, states), _ = jax.lax.scan(
+                body, (w, loss_sum, states), jnp.arange(1, cfg.local_steps))
+        sent = w if cfg.fed_send == "weights" else theta[None, :] - w
+        return sent, loss_sum / cfg.local_steps, states
+
+    def step(self, carry: Carry, t, inp: RunInputs, train):
+        cfg, n, rows = self.cfg, self.n, self.grad_rows
+        dyn = inp.dyn
+        step_key = jax.random.fold_in(jax.random.key(dyn.seed), t)
+        first = n - rows  # slots [first, n) compute gradients
+        worker_ids = jnp.arange(first, n)
+        wkeys = jax.vmap(lambda w: jax.random.fold_in(step_key, w))(worker_ids)
+        valid = jnp.arange(n) < dyn.n_valid
+        if cfg.client_fraction is not None:  # this round's participants
+            skey = jax.random.fold_in(jax.random.fold_in(jax.random.key(dyn.seed), _SALT_SAMPLE), t)
+            valid = valid & sample_clients(skey, valid, dyn.m_sample)
+        byz = byzantine_mask(n, dyn.f_real) & valid
+        xb, yb, bmask = self._batches(wkeys, inp, dyn, t, train, byz)
         dkeys = jax.vmap(lambda k: jax.random.fold_in(k, _SALT_DROPOUT))(wkeys)
         tx_clip, tx_mom = self.worker_stages(dyn)
         # Where the gradients are taken: theta, or (nesterov_form="lookahead") the look-ahead
@@ -355,12 +429,11 @@ class Program:
                 params_axis = 0
             else:
                 at = carry.params - step_len * _server_momentum(carry.server_state)
-        loss = functools.partial(self._loss, wd=dyn.weight_decay)
-        grad_fn = models.map_workers(
-            lambda p, s, x, y, k: jax.value_and_grad(loss, has_aux=True)(
-                p, s, x, y[0], k, mask=y[1]),
-            self.grad_method, params_axis=params_axis)
+        grad_fn = self._grad_fn(dyn.weight_decay, params_axis)
         (losses, new_mstates), grads = grad_fn(at, carry.model_state, xb, (yb, bmask), dkeys)
+        if cfg.local_lr is not None:  # FedAvg: the rows send the result of local training
+            grads, losses, new_mstates = self._local_rounds(
+                carry, grads, losses, new_mstates, wkeys, inp, dyn, t, train, byz)
         metrics = {}
         clock = carry.clock
         if self.latency is not None:
@@ -393,6 +466,8 @@ class Program:
         if self.n_server:
             extra["reference"] = self._server_gradient(carry, step_key, train, dyn)
         agg, agg_state = tx_agg.update(sent, carry.agg_state, carry.params, **extra)
+        if cfg.fed_send == "weights":  # the aggregate of the models: step towards it
+            agg = carry.params - agg
         upd, server_state = tx_server.update(agg, carry.server_state, carry.params)
         params = optax.apply_updates(carry.params, upd)
         metrics["train_loss"] = jnp.sum(w_h * losses)
@@ -411,14 +486,27 @@ class Program:
         return new, metrics
 
     def _server_gradient(self, carry, step_key, train, dyn):
-        """The server's gradient on a batch of its validation samples (dSTAR's reference)."""
+        """The server's gradient on a batch of its validation samples (dSTAR's and FLTrust's
+        reference); with local steps, its pseudo-gradient ``theta - theta_K`` after the same
+        ``local_steps`` SGD steps of rate ``local_lr`` as the workers (FLTrust's server update,
+        Cao et al., NDSS 2021, Alg. 1), each on a fresh batch of its samples."""
         key = jax.random.fold_in(step_key, self.n + _SALT_PROTOCOL + 1)
-        pos = jax.random.randint(key, (self.cfg.batch_size,), self.n_worker_samples,
-                                 self.n_worker_samples + self.n_server)
-        x, y = train[0][pos], train[1][pos]
-        (_, _), g = jax.value_and_grad(self._loss, has_aux=True)(
-            carry.params, carry.model_state, x, y, jax.random.fold_in(key, 1), dyn.weight_decay)
-        return g
+        grad = jax.grad(lambda p, x, y, k: self._loss(p, carry.model_state, x, y, k,
+                                                      dyn.weight_decay)[0])
+
+        def batch_grad(params, key):
+            pos = jax.random.randint(key, (self.cfg.batch_size,), self.n_worker_samples,
+                                     self.n_worker_samples + self.n_server)
+            return grad(params, train[0][pos], train[1][pos], jax.random.fold_in(key, 1))
+
+        g = batch_grad(carry.params, key)
+        if self.cfg.local_lr is None:
+            return g
+        w = carry.params - dyn.local_lr * g
+        if self.cfg.local_steps > 1:
+            w = jax.lax.fori_loop(1, self.cfg.local_steps, lambda k, w: w - dyn.local_lr * batch_grad(
+                w, jax.random.fold_in(jax.random.fold_in(key, _SALT_LOCAL), k)), w)
+        return carry.params - w
 
     def chunk(self, carry, t0, length: int, inp: RunInputs, train):
         """``length`` steps from step ``t0`` as one ``lax.scan``; returns the mean metrics."""
@@ -441,13 +529,26 @@ class Program:
             x = data.augment_images(key, x, self.cfg.augment_test)
         return evaluate_flat(self.model, self.unravel, self.dataset.task, params, mstate, x, y)
 
+    def evaluate_run(self, carry: Carry, train, test, val_indices=()):
+        """One evaluation row's metrics: :meth:`evaluate` on the test set and, with
+        ``validation_size``, ``val_loss`` / ``val_accuracy`` on the run's held-out training
+        samples ``val_indices`` (:attr:`RunInputs.val_indices`; no ``augment_test`` flips).
+        Traceable; vmap it over runs."""
+        out = self.evaluate(carry.params, carry.model_state, test, carry.eval_key)
+        if self.n_val:
+            vi = jnp.asarray(val_indices)
+            val = evaluate_flat(self.model, self.unravel, self.dataset.task, carry.params,
+                                carry.model_state, train[0][vi], train[1][vi])
+            out.update({"val_" + k.removeprefix("test_"): v for k, v in val.items()})
+        return out
+
     # ------------------------------------------------------------------ compiled entry points
     def compiled_single(self):
         """``(init, chunk, eval)`` jitted for one run (no runs axis)."""
         if "single" not in self._compiled:
             init = jax.jit(self.init)
             chunk = jax.jit(self.chunk, static_argnums=(2,), donate_argnums=(0,))
-            ev = jax.jit(lambda c, test: self.evaluate(c.params, c.model_state, test, c.eval_key))
+            ev = jax.jit(self.evaluate_run)
             self._compiled["single"] = (init, chunk, ev)
         return self._compiled["single"]
 
@@ -485,7 +586,8 @@ class Simulation:
         init, chunk, ev = prog.compiled_single()
         inp = jax.device_put(prog.inputs(cfg))
         carry = init(inp)
-        evaluate = lambda c: {k: float(v) for k, v in ev(c, prog.test).items()}
+        evaluate = lambda c: {k: float(v) for k, v in ev(
+            c, prog.train, prog.test, inp.val_indices).items()}
         history = [{"step": 0, **evaluate(carry)}]
         bar = progress if not isinstance(progress, bool) else tqdm(
             total=cfg.steps, desc=desc or cfg.label(), disable=not progress, leave=False, unit="step")
@@ -541,6 +643,20 @@ def evaluate_flat(model, unravel, task: str, params, mstate, x, y, chunk: int = 
 
 class CurvatureState(NamedTuple):
     history: jax.Array  # [K, d]: slot t mod K holds the mean gradient of step t
+
+
+def sample_clients(key, valid, m) -> jax.Array:
+    """``[n]`` bool: ``m`` of the ``valid`` slots drawn uniformly without replacement (all of
+    them when ``m`` is at least their number). ``m`` may be traced.
+
+    Ranks i.i.d. uniform scores by pairwise comparison (no sort: ``n`` is small, and sorts are
+    slow on XLA:CPU); ties have probability zero and are broken by slot index.
+    """
+    n = valid.shape[0]
+    u = jnp.where(valid, jax.random.uniform(key, (n,)), 2.0)
+    i = jnp.arange(n)
+    before = (u[None, :] < u[:, None]) | ((u[None, :] == u[:, None]) & (i[None, :] < i[:, None]))
+    return valid & (jnp.sum(before, axis=1) < m)
 
 
 def curvature_init(window: int, params) -> CurvatureState:

@@ -12,7 +12,7 @@ import difflib
 
 # The registries: importing these modules fills them (dSTAR is imported on first use of its name).
 from jbyz import aggregators, attacks, data, models, preaggregators, protocols, schedules
-from jbyz.config import CHOICES, RunConfig, _norm_pre
+from jbyz.config import CHOICES, RunConfig, _norm_pre, clients_per_round
 from jbyz.registry import ConfigError
 
 __all__ = ["check", "validate"]
@@ -77,6 +77,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.nesterov_form == "lookahead" and cfg.normalize:
         errors.append("nesterov_form='lookahead' with normalize=true is not defined (the look-ahead "
                       "point uses the un-normalised server momentum); use nesterov_form='pytorch'")
+    errors.extend(_federated_problems(cfg))
     if not (cfg.lr > 0):
         errors.append(f"lr must be > 0, got {cfg.lr}")
     if not (0.0 <= cfg.momentum < 1.0):
@@ -87,6 +88,26 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"clip_per_worker must be > 0 or omitted, got {cfg.clip_per_worker}")
     if cfg.split == "dirichlet" and not cfg.dirichlet_alpha > 0:
         errors.append(f"dirichlet_alpha must be > 0, got {cfg.dirichlet_alpha}")
+    g = cfg.gamma
+    if cfg.split == "gamma_similarity" and (
+            isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1):
+        errors.append(f"gamma must be in [0, 1] (the fraction of the samples dealt iid by "
+                      f"split='gamma_similarity'), got {g!r}")
+    k = cfg.shards_per_worker
+    if cfg.split == "shards" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        errors.append(f"shards_per_worker must be an integer >= 1 (e.g. 2, McMahan et al.'s "
+                      f"pathological split), got {k!r}")
+    ss = cfg.split_seed
+    if ss is not None and (not isinstance(ss, int) or isinstance(ss, bool) or ss < 0):
+        errors.append(f"split_seed must be an integer >= 0 or omitted (then the split follows "
+                      f"seed), got {ss!r}")
+    vs = cfg.validation_size
+    if not isinstance(vs, int) or isinstance(vs, bool) or vs < 0:
+        errors.append(f"validation_size must be an integer >= 0 (training samples held out for "
+                      f"val_loss / val_accuracy), got {vs!r}")
+    elif vs and cfg.sampling == "epoch_stream":
+        errors.append("validation_size with sampling='epoch_stream' is not supported (the stream "
+                      "runs over the whole training set); use sampling='replacement'")
 
     def _build(registry, name, kwargs):
         try:
@@ -146,3 +167,49 @@ def check(cfg: RunConfig) -> RunConfig:
     if errors:
         raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+def _federated_problems(cfg: RunConfig) -> list[str]:
+    """Local steps, what workers send, and client sampling (RunConfig's federated fields)."""
+    errors = []
+    ks = cfg.local_steps
+    if not isinstance(ks, int) or isinstance(ks, bool) or ks < 1:
+        errors.append(f"local_steps must be an integer >= 1, got {ks!r}")
+        return errors
+    if cfg.local_lr is not None and not (isinstance(cfg.local_lr, (int, float)) and cfg.local_lr > 0):
+        errors.append(f"local_lr must be > 0 or omitted, got {cfg.local_lr!r}")
+    local = cfg.local_lr is not None
+    if not local and ks > 1:
+        errors.append(f"local_steps={ks} needs local_lr, the workers' rate in their local SGD steps "
+                      "(e.g. local_lr = 0.05); without it workers send one gradient per round")
+    if not local and cfg.fed_send == "weights":
+        errors.append("fed_send='weights' needs local_lr (the workers train locally, then send "
+                      "their weights)")
+    if cfg.fed_send == "weights":
+        if cfg.clip_per_worker is not None:
+            errors.append("fed_send='weights': clip_per_worker clips gradients, not weights; "
+                          "omit it or use fed_send='pseudo_gradient'")
+        if cfg.momentum_at == "worker" and cfg.momentum > 0:
+            errors.append("fed_send='weights': worker momentum would average weights over rounds; "
+                          "use momentum_at='server' or 'none', or fed_send='pseudo_gradient'")
+        if cfg.normalize:
+            errors.append("fed_send='weights' with normalize=true is not defined; use "
+                          "fed_send='pseudo_gradient'")
+        if cfg.server_validation:
+            errors.append("fed_send='weights' with server_validation: the server's reference "
+                          "(FLTrust, dSTAR) is an update, not weights; use "
+                          "fed_send='pseudo_gradient'")
+    if local and cfg.sampling == "epoch_stream":
+        errors.append("local steps (local_lr) with sampling='epoch_stream' are not supported; use "
+                      "sampling='replacement'")
+    if local and cfg.nesterov and cfg.nesterov_form == "lookahead":
+        errors.append("local steps (local_lr) with nesterov_form='lookahead' are not supported")
+    p = cfg.client_fraction
+    if p is not None:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            errors.append(f"client_fraction must be in (0, 1] or omitted, got {p!r}")
+        elif isinstance(cfg.n_workers, int) and isinstance(cfg.f_real, int) and clients_per_round(cfg) < 1:
+            base = cfg.n_workers - (cfg.f_real if cfg.client_fraction_of == "honest" else 0)
+            errors.append(f"client_fraction={p} samples floor({p} x {base}) = 0 workers per round; "
+                          f"use client_fraction >= {1 / max(1, base):.3g}")
+    return errors

@@ -123,3 +123,14 @@ def test_hyperparameter_columns_and_mixed_types():
     df = results.tidy(pd.DataFrame({"aggregator.b": [2, "auto", None], "lr": [0.1, 0.1, 0.1]}))
     b = df["aggregator.b"].tolist()
     assert b[:2] == ["2", "auto"] and pd.isna(b[2])
+
+
+def test_fields_added_later_are_filled_with_the_default_an_older_part_ran():
+    old = pd.DataFrame({"run_id": ["a", "a"], "step": [0, 10], "test_accuracy": [0.1, 0.5]})
+    new = pd.DataFrame({"run_id": ["b"], "step": [10], "test_accuracy": [0.7],
+                        "local_steps": [5], "fed_send": ["weights"], "split_seed": [3]})
+    df = results.normalize(pd.concat([old, new], ignore_index=True))
+    assert list(df["local_steps"]) == [1, 1, 5] and df["local_steps"].dtype.kind == "i"
+    assert list(df["fed_send"]) == ["pseudo_gradient", "pseudo_gradient", "weights"]
+    # a field whose default is "unset" stays missing (NaN) for the older part
+    assert df["split_seed"].isna().tolist() == [True, True, False]
