@@ -146,7 +146,7 @@ def _agg_fn(own, ctx, key, x, byz) -> Callable[[Array, Array], Array]:
     docstring for the order: own stages, the run's ``ctx["agg_fn"]``, ByzFL's default)."""
     if own is None and ctx.get("agg_fn") is not None:
         return ctx["agg_fn"]
-    from jbyz.transforms import _rule_closure
+    from jbyz.transforms import _rule_closure, _stage_states
 
     if own is None:
         agg, pres = _byzfl_default_rule()
@@ -158,12 +158,8 @@ def _agg_fn(own, ctx, key, x, byz) -> Callable[[Array, Array], Array]:
     if f is None:
         f = jnp.sum(byz, dtype=jnp.int32)
     n, d = x.shape
-    rows, pre_states = n, []
-    for pre in pres:
-        pre_states.append(pre.init(rows, d))
-        rows = pre.out_rows(rows)
     run = _rule_closure(agg, pres, f, jax.random.fold_in(key, _SALT_OWN_RULE),
-                        tuple(pre_states), agg.init(rows, d))
+                        *_stage_states(agg, pres, n, d))
     return lambda xx, vv: run(xx, vv)[0]
 
 

@@ -467,6 +467,16 @@ class ByzantineState(NamedTuple):
 _SALT_RULE = 0x5EED_A8
 
 
+def _stage_states(aggregator, preaggregators, n: int, d: int):
+    """The initial ``(pre-aggregator states, rule state)`` of these stages on ``n`` rows of
+    ``d`` coordinates (each pre-aggregator may change the row count of the next)."""
+    rows, pre_states = n, []
+    for pre in preaggregators:
+        pre_states.append(pre.init(rows, d))
+        rows = pre.out_rows(rows)
+    return tuple(pre_states), aggregator.init(rows, d)
+
+
 def _rule_closure(aggregator, preaggregators, f, key, pre_states, agg_state, reference=None):
     """``agg_fn(x [n, d], valid [n]) -> [d]``: the pre-aggregators and the rule applied with the
     declared ``f``, the given key and states (what a rule-aware attack evaluates)."""
@@ -572,13 +582,7 @@ def byzantine(
     def init_fn(params):
         n = _init_n(num_workers, "byzantine")
         d = _num_params(params)
-        rule_state = ()
-        if rule is not None:
-            rows, pre_states = n, []
-            for pre in rule[1]:
-                pre_states.append(pre.init(rows, d))
-                rows = pre.out_rows(rows)
-            rule_state = (tuple(pre_states), rule[0].init(rows, d))
+        rule_state = () if rule is None else _stage_states(rule[0], rule[1], n, d)
         return ByzantineState(attack.init(n, d), base_key, jnp.zeros([], jnp.int32), rule_state)
 
     def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, reference=None,
@@ -709,11 +713,9 @@ def robust_aggregate(
 
     def init_fn(params):
         d = _num_params(params)
-        rows, pre_states = _init_n(num_workers, "robust_aggregate"), []
-        for pre in preaggregators:
-            pre_states.append(pre.init(rows, d))
-            rows = pre.out_rows(rows)
-        return RobustAggregateState(tuple(pre_states), aggregator.init(rows, d), base_key)
+        pre_states, agg_state = _stage_states(aggregator, preaggregators,
+                                              _init_n(num_workers, "robust_aggregate"), d)
+        return RobustAggregateState(pre_states, agg_state, base_key)
 
     def update_fn(updates, state, params=None, *, valid=None, key=None, f=None, reference=None,
                   **extra):

@@ -50,15 +50,11 @@ def stages(aggregator, preaggregators, f):
 
 def distance(rule, x, honest, byz, mal, key=KEY):
     """||Agg(Pre(x with the Byzantine rows = mal)) - mu|| with fresh states (float64 result)."""
-    from jbyz.transforms import _rule_closure
+    from jbyz.transforms import _rule_closure, _stage_states
 
     agg, pres, f = rule
     n, d = x.shape
-    rows, ps = n, []
-    for p in pres:
-        ps.append(p.init(rows, d))
-        rows = p.out_rows(rows)
-    run = _rule_closure(agg, pres, f, key, tuple(ps), agg.init(rows, d))
+    run = _rule_closure(agg, pres, f, key, *_stage_states(agg, pres, n, d))
     xm = jnp.where(byz[:, None], jnp.broadcast_to(jnp.asarray(mal, jnp.float32), x.shape), x)
     out = np.asarray(run(xm, honest | byz)[0], np.float64)
     mu = np.asarray(x, np.float64)[np.asarray(honest)].mean(axis=0)
@@ -197,15 +193,11 @@ def byzfl_search(score, evals=20, start=0.0, delta=10.0, ratio=0.8, tie=E.TIE):
 def scorer(rule, x, honest, byz):
     """``mal [d] -> ||Agg(Pre(x with the Byzantine rows = mal)) - mu||`` (jitted once; fresh
     states, the key KEY)."""
-    from jbyz.transforms import _rule_closure
+    from jbyz.transforms import _rule_closure, _stage_states
 
     agg, pres, f = rule
     n, d = x.shape
-    rows, ps = n, []
-    for p in pres:
-        ps.append(p.init(rows, d))
-        rows = p.out_rows(rows)
-    run = _rule_closure(agg, pres, f, KEY, tuple(ps), agg.init(rows, d))
+    run = _rule_closure(agg, pres, f, KEY, *_stage_states(agg, pres, n, d))
     step = jax.jit(lambda mal: run(jnp.where(byz[:, None], mal[None, :], x), honest | byz)[0])
     mu = np.asarray(x, np.float64)[np.asarray(honest)].mean(axis=0)
     return lambda mal: float(np.linalg.norm(
