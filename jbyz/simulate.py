@@ -462,9 +462,9 @@ class Program:
         worker_state = (clip_state, mom_state)
         if first:  # the always-Byzantine slots, overwritten by the attack
             sent = jnp.concatenate([jnp.zeros((first,) + sent.shape[1:], sent.dtype), sent])
-        sent, byz_state = tx_byz.update(sent, carry.byz_state, carry.params, **extra)
-        if self.n_server:
+        if self.n_server:  # before the attack: a rule-aware attack evaluates FLTrust/dSTAR with it
             extra["reference"] = self._server_gradient(carry, step_key, train, dyn)
+        sent, byz_state = tx_byz.update(sent, carry.byz_state, carry.params, **extra)
         agg, agg_state = tx_agg.update(sent, carry.agg_state, carry.params, **extra)
         if cfg.fed_send == "weights":  # the aggregate of the models: step towards it
             agg = carry.params - agg

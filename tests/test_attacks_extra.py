@@ -567,20 +567,20 @@ def test_grid_vmaps_a_rule_aware_attack_over_f_and_rules(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "jbyz.simulate computes the server's reference (FLTrust, dSTAR) after the attack stage and "
-    "passes it to the aggregation stage only; computing it before tx_byz.update and passing it to "
-    "both (simulate.py, Program.step) makes rule-aware attacks work against these rules"))
 def test_simulator_rule_aware_attack_against_a_reference_rule():
     from jbyz.simulate import run
 
-    try:
-        res = run(_digits(attack="optimal_alie", aggregator="fltrust", server_validation=64,
-                          steps=3, eval_every=3), progress=False)
-    except ValueError as e:  # the expected failure, and no other
-        assert "evaluates aggregator 'fltrust', which needs the server's reference" in str(e)
-        raise
-    assert np.isfinite(_history(res)).all()
+    # The server's reference is computed before the attack stage and reaches the attacks' own
+    # evaluation of FLTrust: the runs complete, and the searched attacks move the aggregate further
+    # from the honest mean than ALIE's fixed z (measured, seed 0, agg_distance after 3 steps:
+    # none 1.142, alie 1.190, optimal_alie 1.218, gradient_ascent 2.397).
+    base = dict(aggregator="fltrust", server_validation=64, steps=3, eval_every=3)
+    dist = {}
+    for attack in ("none", "alie", "optimal_alie", "gradient_ascent"):
+        res = run(_digits(attack=attack, **base), progress=False)
+        assert np.isfinite(_history(res)).all()
+        dist[attack] = res.history[-1]["agg_distance"]
+    assert dist["none"] < dist["alie"] < dist["optimal_alie"] < dist["gradient_ascent"]
 
 
 ATTACK_TOML = """
