@@ -11,7 +11,8 @@ bucketed aggregation and the previous aggregate is added back
 (:func:`jbyz.algorithms.pp_clipping.clip_deviations`); the first round is not clipped.
 Attacks: bit flipping (-own momentum), label flipping (9 - y), ALIE (z = 0.2533 from
 (n, f) = (20, 5) as the reference code, mu/sigma over the sampled honest clients) and shift-back
-(mult 2); plus a no-attack reference.
+(multiplier 2 as the authors' MNIST script, or ``--shift-back-mult lr`` for their a9a
+script's and the paper's form); plus a no-attack reference.
 
 Model: ``lenet`` from the registry with channels (16, 32) (conv5x5-16, pool, conv5x5-32, pool,
 FC 512 -> 10), a smaller CNN than the paper's (conv32-conv64-FC9216-128) to fit the CPU budget.
@@ -32,6 +33,8 @@ Options beyond the defaults (also as keys of a TOML file, --config experiments/m
   --momentum-all-clients      every client computes a gradient and updates its momentum every
                               round, sampled or not, as the authors' code (code/simulator.py
                               computes every worker's gradient each round); 5x the gradients
+  --shift-back-mult lr        shift-back as the paper's text and the a9a script (default 2: the
+                              MNIST script's reflection through x0)
   --check                     validate the options and print the plan, run nothing
 
 Resumable: every run (attack, aggregator, clipping, seed) is stored as soon as it finishes, as
@@ -69,7 +72,7 @@ HERE = Path(__file__).resolve().parent
 N, F_REAL, C, BATCH, BETA = 20, 5, 4, 32, 0.9
 
 
-def make_attack(name):
+def make_attack(name, shift_back_mult=2.0):
     if name == "none":
         return ATTACKS.build("none")
     if name == "bit_flip":
@@ -79,18 +82,31 @@ def make_attack(name):
     if name == "alie":
         return ATTACKS.build("alie", z=alie_z(N, F_REAL))
     if name == "shift_back":
-        return shift_back(2.0)
+        return shift_back(shift_back_mult)
     raise ValueError(name)
 
 
+def parse_mult(text: str):
+    """``--shift-back-mult``: a number, or ``lr`` (the a9a script's form, x -> x - lr (x - x0))."""
+    if text == "lr":
+        return "lr"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shift-back-mult must be a number (2: the MNIST script, a reflection through x0) "
+            f"or 'lr' (the a9a script and the paper's text: a step of lr back towards x0); "
+            f"got {text!r}") from None
+
+
 def build(ds, split, model, attack_name, agg_name, lr, clip_mult, test_x, test_y,
-          momentum_all_clients=False):
+          momentum_all_clients=False, shift_back_mult=2.0):
     """One compiled round per (attack, aggregator); clipping on/off and f_real are traced.
 
     ``momentum_all_clients``: every client's momentum moves each round (the authors' code);
     the sampled clients' minibatches are the same as without it.
     """
-    attack = make_attack(attack_name)
+    attack = make_attack(attack_name, shift_back_mult)
     agg = clip_deviations(AGGREGATORS.build(agg_name), (bucketing(2),), clip_mult=clip_mult)
     grads_fn = per_worker_grads(
         model, lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
@@ -168,6 +184,10 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results" / "fmnist.parquet"))
     ap.add_argument("--momentum-all-clients", action="store_true",
                     help="update every client's momentum each round (the authors' code)")
+    ap.add_argument("--shift-back-mult", type=parse_mult, default=2.0,
+                    help="shift-back's multiplier: 2 (default; the authors' MNIST script: the "
+                         "model is reflected through x0) or 'lr' (their a9a script and the "
+                         "paper's text: the server steps lr of the way back to x0)")
     ap.add_argument("--check", action="store_true", help="validate and print the plan only")
     args = parse_args(ap)
     known_attacks = {"none", "bit_flip", "label_flip", "alie", "shift_back"}
@@ -184,7 +204,8 @@ def main():
     print(f"{n_runs} runs of {args.steps} rounds (attacks {args.attacks}; aggregators "
           f"{args.aggregators}; clipping on/off; {args.seeds} seeds), lr {args.lr}, test images "
           f"{min(args.test_size, 10000)}, momentum of "
-          f"{'every client' if args.momentum_all_clients else 'the sampled clients'} -> {args.out}")
+          f"{'every client' if args.momentum_all_clients else 'the sampled clients'}, shift-back "
+          f"multiplier {args.shift_back_mult} -> {args.out}")
     if args.check:
         return
 
@@ -199,7 +220,12 @@ def main():
     # what a stored part must have been run with to be reused
     settings = json.dumps(dict(steps=args.steps, eval_every=args.eval_every, lr=args.lr,
                                clip_mult=args.clip_mult, test_size=args.test_size,
-                               momentum_all_clients=args.momentum_all_clients), sort_keys=True)
+                               momentum_all_clients=args.momentum_all_clients,
+                               # only when not the default, so parts stored before the option
+                               # existed (all with 2) are reused
+                               **({} if args.shift_back_mult == 2.0
+                                  else {"shift_back_mult": args.shift_back_mult})),
+                          sort_keys=True)
     meta = {**run_metadata(), "steps": str(args.steps), "settings": settings}
     constants = dict(n_clients=N, f_real=F_REAL, clients_per_round=C, batch_size=BATCH,
                      momentum=BETA, lr=args.lr, clip_mult=args.clip_mult, model="lenet(16,32)",
@@ -228,7 +254,8 @@ def main():
                     continue
                 if run is None:
                     run = build(ds, split, model, attack_name, agg_name, args.lr, args.clip_mult,
-                                test_x, test_y, args.momentum_all_clients)
+                                test_x, test_y, args.momentum_all_clients,
+                                args.shift_back_mult)
                 t = time.time()
                 res = run(seed, clip, f_real, args.steps, args.eval_every)
                 dt = time.time() - t
@@ -240,6 +267,8 @@ def main():
                     df[k] = v
                 if args.momentum_all_clients:  # a column only away from the default
                     df["momentum_clients"] = "all"
+                if args.shift_back_mult != 2.0:
+                    df["shift_back_mult"] = str(args.shift_back_mult)
                 write_table(df, part, {**meta, "wall_s": f"{dt:.1f}"})
                 print(f"{name:10s} {agg_name:16s} clip={clip!s:5s} seed {seed}: "
                       f"acc {res[-1][1]:.4f} (max {max(r[1] for r in res):.4f}), "
