@@ -61,3 +61,13 @@ def test_bound_share_counts_steps_under_the_bound_with_loss_not_above_start():
     t = analyze.bound_table(runs)
     assert t.loc[0, "steps_valid"] == 2 and t.loc[0, "share"] == pytest.approx(0.5)
     assert t.loc[0, "bound"] == pytest.approx(kappa2 ** 0.5)
+
+
+def test_ablation_rows_use_the_seeds_the_ablation_has_run():
+    """A partly run ablation (seed 1 only) is compared with the authors' setting on seed 1 only."""
+    assert analyze.ablation_seeds(pd.DataFrame()) == (1, 2, 3)
+    assert analyze.ablation_seeds(pd.DataFrame({"seed": [1, 1, 3]})) == (1, 3)
+    runs = _runs([(None, "server", 1, 0.8), (None, "server", 2, 0.8),
+                  ("Median", "server", 1, 0.6), ("Median", "server", 2, 0.6)])
+    assert sorted(analyze._slice(runs, seeds=(1,))["seed"]) == [1, 1]
+    assert len(analyze._slice(runs, seeds=(1, 2))) == 4

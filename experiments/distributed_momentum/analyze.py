@@ -187,7 +187,9 @@ def _fmt(k, n):
 def within_run_cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Per at-worker cell: the mean over steps and seeds of the sampled and submitted ratios."""
     w = runs[(runs["momentum_at"] == "worker") & (runs["attack_name"] != "none")]
-    w = w[w["vnr_submitted_steps"].map(_has_steps)]
+    # astype(bool): on an empty frame the mapped Series is of object dtype, which pandas would
+    # read as a list of column labels
+    w = w[w["vnr_submitted_steps"].map(_has_steps).astype(bool)]
     rows = []
     for key, g in w.groupby(["dataset", "f_real", "nesterov", "gar", "attack_name", "lr"]):
         s = np.stack(g["vnr_sampled_steps"].to_list())
@@ -352,22 +354,34 @@ def _slice(runs, nesterov=False, seeds=(1, 2, 3), f=24):
                 & ((runs["f_real"] == f) | ((runs["f_real"] == 0) & (runs["n_workers"] == 51 - f)))]
 
 
+def ablation_seeds(ablation: pd.DataFrame) -> tuple[int, ...]:
+    """The seeds the ablation has run so far (every row of its table uses these), else 1-3."""
+    if ablation.empty:
+        return (1, 2, 3)
+    return tuple(sorted(int(s) for s in ablation["seed"].unique()))
+
+
 def ablation_table(authors: pd.DataFrame, baseline: pd.DataFrame, ablation: pd.DataFrame):
-    """Headline numbers on the ablation slice, per setting (one deviation switched back)."""
+    """Headline numbers on the ablation slice, per setting (one deviation switched back).
+
+    Every row is computed on the same seeds: those the ablation has run so far (1-3 when it is
+    complete), so the authors' and the baseline rows compare like with like."""
     from make_grid import ABLATIONS  # noqa: E402  (this folder)
 
-    settings = [("authors' setting (grid.toml)", _slice(authors), None),
-                ("jbyz's first run (baseline.toml)", _slice(baseline), None)]
+    seeds = ablation_seeds(ablation)
+    settings = [("authors' setting (grid.toml)", _slice(authors, seeds=seeds), None),
+                ("jbyz's first run (baseline.toml)", _slice(baseline, seeds=seeds), None)]
     for key, (what, over, gar_list) in ABLATIONS.items():
         if ablation.empty:
             break
         nest = key == "pytorch_nesterov"
         sub = ablation[ablation["setting"].str.startswith("ablation")]
-        sub = _slice(sub, nesterov=nest)
+        sub = _slice(sub, nesterov=nest, seeds=seeds)
         sub = sub[_matches(sub, over, gar_list)]
-        refs = _slice(authors) if gar_list else None
+        refs = _slice(authors, seeds=seeds) if gar_list else None
         if nest:
-            settings.append(("authors' setting, Nesterov on", _slice(authors, nesterov=True), None))
+            settings.append(("authors' setting, Nesterov on",
+                             _slice(authors, nesterov=True, seeds=seeds), None))
         settings.append((f"switched back: {what}", sub, refs))
     rows = []
     for name, runs, refs in settings:
@@ -496,7 +510,8 @@ def main(dest: str | Path | None = None) -> None:
     sys.path.insert(0, str(HERE))
     ab = ablation_table(authors, baseline, ablation)
     ab.to_csv(dest / "ablation.csv", index=False)
-    print("\nAblation (Fashion-MNIST, f = 24, seeds 1-3, Nesterov off unless stated):")
+    seeds = ", ".join(map(str, ablation_seeds(ablation)))
+    print(f"\nAblation (Fashion-MNIST, f = 24, seeds {seeds}, Nesterov off unless stated):")
     with pd.option_context("display.width", 250, "display.max_colwidth", 60):
         print(ab.to_string(index=False, float_format="{:.3f}".format))
     print(f"\n{time.perf_counter() - t0:.1f} s")
