@@ -224,6 +224,9 @@ def load_results(path: str | Path) -> pd.DataFrame:
     A directory holding ``results.parquet`` (a grid's output) loads that table; a grid still
     running (only ``parts/``) loads its finished parts; any other directory loads every
     ``*.parquet`` under it.
+
+    A run stored twice (two processes of one grid that overlapped, e.g. with different ``--only``
+    filters) is loaded once: rows are unique by ``(run_id, step)``.
     """
     path = Path(path)
     if path.is_dir() and (path / "results.parquet").exists():
@@ -234,7 +237,10 @@ def load_results(path: str | Path) -> pd.DataFrame:
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no .parquet results under {str(path)!r}")
-    return normalize(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+    df = normalize(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+    if {"run_id", "step"} <= set(df.columns):
+        df = df.drop_duplicates(["run_id", "step"], keep="last").reset_index(drop=True)
+    return df
 
 
 def config_columns(df: pd.DataFrame) -> list[str]:

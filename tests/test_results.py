@@ -134,3 +134,18 @@ def test_fields_added_later_are_filled_with_the_default_an_older_part_ran():
     assert list(df["fed_send"]) == ["pseudo_gradient", "pseudo_gradient", "weights"]
     # a field whose default is "unset" stays missing (NaN) for the older part
     assert df["split_seed"].isna().tolist() == [True, True, False]
+
+
+def test_a_run_stored_in_two_parts_loads_once(tiny, tmp_path):
+    """Two overlapping processes of one grid can store a run twice; loading the parts gives each
+    (run_id, step) row once, as the grid's own table does."""
+    out, cfgs, table = tiny
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for p in sorted((out / "parts").glob("*.parquet")):
+        results.write_table(pd.read_parquet(p), parts / p.name, results.read_metadata(p))
+    results.write_table(table[table["run_id"] == cfgs[0].config_hash()], parts / "again.parquet")
+    df = results.load_results(tmp_path)
+    assert len(table) > len(table[table["run_id"] == cfgs[0].config_hash()]) > 0
+    assert len(df) == len(table)
+    assert not df.duplicated(["run_id", "step"]).any()
