@@ -300,3 +300,14 @@ def _compile_cache_in_tmp(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JBYZ_COMPILE_CACHE", str(tmp_path_factory.mktemp("jax_compile_cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """The plotting functions return their figures open (for the user to show or save); close
+    them after each test so a long session does not accumulate them."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
