@@ -57,3 +57,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     if first.config is not None:
         argv = toml_argv(first.config, parser) + argv
     return parser.parse_args(argv)
+
+
+def parse_mult(text: str):
+    """``--shift-back-mult`` of both scripts: a number (2: the MNIST script's reflection through
+    x0), or ``lr`` (the a9a script's form, x -> x - lr (x - x0))."""
+    if str(text).strip() == "lr":
+        return "lr"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shift-back-mult must be a number (2: the MNIST script, a reflection through x0) "
+            f"or 'lr' (the a9a script and the paper's text: a step of lr back towards x0); "
+            f"got {text!r}") from None

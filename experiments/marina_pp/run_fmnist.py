@@ -66,7 +66,7 @@ from jbyz.models import build_model, per_worker_grads
 from jbyz.preaggregators import bucketing
 from jbyz.results import load_results, read_metadata, run_metadata, write_table
 
-from config_file import parse_args  # experiments/marina_pp/config_file.py
+from config_file import parse_args, parse_mult  # experiments/marina_pp/config_file.py
 
 HERE = Path(__file__).resolve().parent
 N, F_REAL, C, BATCH, BETA = 20, 5, 4, 32, 0.9
@@ -84,19 +84,6 @@ def make_attack(name, shift_back_mult=2.0):
     if name == "shift_back":
         return shift_back(shift_back_mult)
     raise ValueError(name)
-
-
-def parse_mult(text: str):
-    """``--shift-back-mult``: a number, or ``lr`` (the a9a script's form, x -> x - lr (x - x0))."""
-    if text == "lr":
-        return "lr"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--shift-back-mult must be a number (2: the MNIST script, a reflection through x0) "
-            f"or 'lr' (the a9a script and the paper's text: a step of lr back towards x0); "
-            f"got {text!r}") from None
 
 
 def build(ds, split, model, attack_name, agg_name, lr, clip_mult, test_x, test_y,

@@ -56,7 +56,7 @@ from jbyz.compression import randk  # noqa: E402
 from jbyz.preaggregators import bucketing  # noqa: E402
 from jbyz.results import load_results, read_metadata, run_metadata, write_table  # noqa: E402
 
-from config_file import parse_args  # noqa: E402  (experiments/marina_pp/config_file.py)
+from config_file import parse_args, parse_mult  # noqa: E402  (experiments/marina_pp/config_file.py)
 
 HERE = Path(__file__).resolve().parent
 REG = 0.01
@@ -113,11 +113,6 @@ BLOCKS = {
 }
 BLOCK_OF = {name: key for key, name in BLOCKS.items()}
 DEFAULT_BLOCKS = ("pp_clip", "pp_noclip", "marina", "pp_plus", "mnist_schedule", "randk")
-
-
-def parse_mult(text):
-    """``"lr"`` (the a9a script's shift-back multiplier) or a float (2: the MNIST script's)."""
-    return "lr" if str(text).strip() == "lr" else float(text)
 
 
 def configs(lrs=DEFAULT_LRS, shift_back_mult=2.0, full_round_every=None, blocks=DEFAULT_BLOCKS):
