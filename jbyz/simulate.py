@@ -475,6 +475,8 @@ class Program:
             metrics.update(_diagnostics(sent, agg, honest))
             metrics["vnr_sampled"] = variance_norm_ratio(g_clip, honest[first:])
             metrics["vnr_submitted"] = variance_norm_ratio(sent, honest)
+            metrics.update(vnr_parts(g_clip, honest[first:], "sampled"))
+            metrics.update(vnr_parts(sent, honest, "submitted"))
         curv = carry.curvature
         if cfg.curvature_window is not None:
             # the gradients as they enter the momentum: after honest clipping
@@ -719,12 +721,29 @@ def variance_norm_ratio(x, rows) -> jax.Array:
     guarantees hold while :math:`\sqrt r` stays below the rule's bound
     (:func:`jbyz.aggregators.variance_norm_bound`). NaN when ``h < 2``.
     """
+    var, msq, h = _variance_and_mean_sq(x, rows)
+    return jnp.where(h >= 2, var / jnp.maximum(msq, 1e-30), jnp.nan)
+
+
+def _variance_and_mean_sq(x, rows):
+    r"""The unbiased variance :math:`\frac{1}{h-1}\sum_i\|x_i-\bar x\|^2` of ``x[rows]``, the
+    squared norm of their mean :math:`\|\bar x\|^2`, and their number ``h``."""
     w = rows.astype(jnp.float32)
     h = jnp.sum(w)
     xs = jnp.where(rows[:, None], x.astype(jnp.float32), 0.0)
     mu = (w @ xs) / h
     var = jnp.sum(w * jnp.sum(jnp.square(xs - mu), axis=1)) / (h - 1.0)
-    return jnp.where(h >= 2, var / jnp.maximum(jnp.sum(mu * mu), 1e-30), jnp.nan)
+    return var, jnp.sum(mu * mu), h
+
+
+def vnr_parts(x, rows, name: str) -> dict[str, jax.Array]:
+    r"""The two factors of :func:`variance_norm_ratio` of ``x[rows]``: ``dev_<name>`` =
+    :math:`\sqrt{\frac{1}{h-1}\sum_i\|x_i-\bar x\|^2}` and ``norm_<name>`` = :math:`\|\bar x\|`
+    (the authors' ``compute_avg_dev_max``), so that a change of the ratio can be told apart as a
+    change of the spread or of the mean's length."""
+    var, msq, h = _variance_and_mean_sq(x, rows)
+    return {f"dev_{name}": jnp.where(h >= 2, jnp.sqrt(var), jnp.nan),
+            f"norm_{name}": jnp.sqrt(msq)}
 
 
 def _diagnostics(sent, agg, honest) -> dict[str, jax.Array]:

@@ -294,6 +294,25 @@ def test_sampled_and_submitted_ratios_logged_per_step():
     assert all(a < b for a, b in zip(w["vnr_submitted_steps"], w["vnr_sampled_steps"]))
 
 
+def test_vnr_parts_multiply_back_to_the_ratio():
+    """dev_* and norm_* are the ratio's factors: ratio = (dev / norm)^2, for numpy's vectors and
+    in every evaluation row of a run (chunk means of one step each: eval_every = 1)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.2, 1.0, size=(7, 30)).astype(np.float32)
+    rows = np.array([1, 1, 0, 1, 1, 1, 0], bool)
+    h = x[rows].astype(np.float64)
+    parts = simulate.vnr_parts(jnp.asarray(x), jnp.asarray(rows), "sent")
+    assert float(parts["norm_sent"]) == pytest.approx(np.linalg.norm(h.mean(0)), rel=1e-5)
+    assert float(parts["dev_sent"]) == pytest.approx(
+        np.sqrt(((h - h.mean(0)) ** 2).sum() / (len(h) - 1)), rel=1e-5)
+    res = simulate.run(_tiny(momentum_at="worker", clip_per_worker=1.0, eval_every=1), progress=False)
+    for row in res.history[1:]:
+        for k in ("sampled", "submitted"):
+            assert row[f"vnr_{k}"] == pytest.approx((row[f"dev_{k}"] / row[f"norm_{k}"]) ** 2, rel=1e-4)
+    # momentum at the workers: the submitted mean is longer than the sampled one from step 2 on
+    assert all(r["norm_submitted"] > r["norm_sampled"] for r in res.history[2:])
+
+
 # ---------------------------------------------------------------------------------- forward / test
 
 
