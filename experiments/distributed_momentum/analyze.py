@@ -356,10 +356,19 @@ def boxplot(runs: pd.DataFrame, path: Path) -> None:
 # ------------------------------------------------------------------------------ ablation
 
 
-def _slice(runs, nesterov=False, seeds=(1, 2, 3), f=24):
-    return runs[(runs["dataset"] == "fashion_mnist") & (runs["nesterov"] == nesterov)
-                & runs["seed"].isin(seeds)
-                & ((runs["f_real"] == f) | ((runs["f_real"] == 0) & (runs["n_workers"] == 51 - f)))]
+def _slice(runs, nesterov=False, seeds=(1, 2, 3), f=24, lr=None, attack=None):
+    """Fashion-MNIST runs with f Byzantine workers of 51 (and their references: 51 - f honest);
+    optionally one learning rate and one attack (``attack_name``, e.g. "ALIE")."""
+    if runs.empty:
+        return runs
+    keep = ((runs["dataset"] == "fashion_mnist") & (runs["nesterov"] == nesterov)
+            & runs["seed"].isin(seeds)
+            & ((runs["f_real"] == f) | ((runs["f_real"] == 0) & (runs["n_workers"] == 51 - f))))
+    if lr is not None:
+        keep &= np.isclose(runs["lr"].astype(float), lr)
+    if attack is not None:
+        keep &= runs["attack_name"].isin([attack, "none"])
+    return runs[keep]
 
 
 def ablation_seeds(ablation: pd.DataFrame) -> tuple[int, ...]:
@@ -369,27 +378,33 @@ def ablation_seeds(ablation: pd.DataFrame) -> tuple[int, ...]:
     return tuple(sorted(int(s) for s in ablation["seed"].unique()))
 
 
-def ablation_table(authors: pd.DataFrame, baseline: pd.DataFrame, ablation: pd.DataFrame):
+def ablation_table(authors: pd.DataFrame, baseline: pd.DataFrame, ablation: pd.DataFrame,
+                   f: int = 24, lr: float | None = None, attack: str | None = None):
     """Headline numbers on the ablation slice, per setting (one deviation switched back).
 
-    Every row is computed on the same seeds: those the ablation has run so far (1-3 when it is
-    complete), so the authors' and the baseline rows compare like with like."""
+    The slice is f Byzantine workers of 51 (``ablation.toml``: f = 24, both learning rates and
+    attacks; ``ablation_f12.toml``: f = 12, lr 0.5, ALIE). Every row is computed on the same
+    seeds: those the ablation has run so far (1-3 when it is complete), so the authors' and the
+    baseline rows compare like with like."""
     from make_grid import ABLATIONS  # noqa: E402  (this folder)
 
     seeds = ablation_seeds(ablation)
-    settings = [("authors' setting (grid.toml)", _slice(authors, seeds=seeds), None),
-                ("jbyz's first run (baseline.toml)", _slice(baseline, seeds=seeds), None)]
+    cut = dict(seeds=seeds, f=f, lr=lr, attack=attack)
+    settings = [("authors' setting (grid.toml)", _slice(authors, **cut), None),
+                ("jbyz's first run (baseline.toml)", _slice(baseline, **cut), None)]
     for key, (what, over, gar_list) in ABLATIONS.items():
         if ablation.empty:
             break
         nest = key == "pytorch_nesterov"
         sub = ablation[ablation["setting"].str.startswith("ablation")]
-        sub = _slice(sub, nesterov=nest, seeds=seeds)
+        sub = _slice(sub, nesterov=nest, **cut)
         sub = sub[_matches(sub, over, gar_list)]
-        refs = _slice(authors, seeds=seeds) if gar_list else None
+        if nest and sub.empty:
+            continue
+        refs = _slice(authors, **cut) if gar_list else None
         if nest:
             settings.append(("authors' setting, Nesterov on",
-                             _slice(authors, nesterov=True, seeds=seeds), None))
+                             _slice(authors, nesterov=True, **cut), None))
         settings.append((f"switched back: {what}", sub, refs))
     rows = []
     for name, runs, refs in settings:
@@ -426,10 +441,11 @@ def _matches(runs: pd.DataFrame, over: dict, gar_list) -> pd.Series:
             ok &= runs[field].astype(str).str.strip('"') == value.strip('"')
         else:
             ok &= False
+    paper_gars = runs["gar"].isin(["Krum (paper)", "Bulyan (paper)"])
     if gar_list:
-        ok &= (runs["gar"] == "Krum (paper)") | (runs["attack_name"] == "none")
-    else:  # the other blocks run the code's Krum; and exclude the other ablations' fields
-        ok &= runs["gar"] != "Krum (paper)"
+        ok &= paper_gars | (runs["attack_name"] == "none")
+    else:  # the other blocks run the code's Krum and Bulyan; exclude the other ablations' fields
+        ok &= ~paper_gars
     for field, default in (("sampling", "epoch_stream"), ("nesterov_form", "lookahead"),
                            ("clip_form", "radius"), ("augment", "flip")):
         if field not in over and field in runs:
@@ -522,6 +538,14 @@ def main(dest: str | Path | None = None) -> None:
     print(f"\nAblation (Fashion-MNIST, f = 24, seeds {seeds}, Nesterov off unless stated):")
     with pd.option_context("display.width", 250, "display.max_colwidth", 60):
         print(ab.to_string(index=False, float_format="{:.3f}".format))
+    ablation_f12 = load_runs(RESULTS / "ablation_f12", "ablation_f12")
+    if not ablation_f12.empty:
+        ab12 = ablation_table(authors, baseline, ablation_f12, f=12, lr=0.5, attack="ALIE")
+        ab12.to_csv(dest / "ablation_f12.csv", index=False)
+        seeds = ", ".join(map(str, ablation_seeds(ablation_f12)))
+        print(f"\nAblation at f = 12 (Fashion-MNIST, ALIE, lr 0.5, seeds {seeds}, no Nesterov):")
+        with pd.option_context("display.width", 250, "display.max_colwidth", 60):
+            print(ab12.to_string(index=False, float_format="{:.3f}".format))
     print(f"\n{time.perf_counter() - t0:.1f} s")
 
 
