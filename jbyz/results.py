@@ -221,18 +221,20 @@ def read_metadata(path: str | Path) -> dict:
 def load_results(path: str | Path) -> pd.DataFrame:
     """Loads a results file or directory into one DataFrame.
 
-    A directory holding ``results.parquet`` (a grid's output) loads that table; a grid still
-    running (only ``parts/``) loads its finished parts; any other directory loads every
-    ``*.parquet`` under it.
+    A grid's output directory loads its ``parts/``, every run finished so far, whichever command
+    stored it (a grid run in pieces with ``--only`` filters, or still running); its
+    ``results.parquet`` holds only the runs of the last ``jbyz run`` command that finished, and is
+    loaded only where there are no parts. Any other directory loads every ``*.parquet`` under it.
 
     A run stored twice (two processes of one grid that overlapped, e.g. with different ``--only``
     filters) is loaded once: rows are unique by ``(run_id, step)``.
     """
     path = Path(path)
-    if path.is_dir() and (path / "results.parquet").exists():
+    parts = sorted((path / "parts").glob("*.parquet")) if path.is_dir() else []
+    if parts:
+        files = parts
+    elif path.is_dir() and (path / "results.parquet").exists():
         files = [path / "results.parquet"]
-    elif path.is_dir() and (path / "parts").is_dir():
-        files = sorted((path / "parts").glob("*.parquet"))
     else:
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:

@@ -149,3 +149,23 @@ def test_a_run_stored_in_two_parts_loads_once(tiny, tmp_path):
     assert len(table) > len(table[table["run_id"] == cfgs[0].config_hash()]) > 0
     assert len(df) == len(table)
     assert not df.duplicated(["run_id", "step"]).any()
+
+
+def test_a_directory_loads_its_parts_not_the_last_commands_table(tiny, tmp_path):
+    """A grid run in pieces (``--only``) leaves results.parquet with the last piece's runs only;
+    loading the directory gives every stored run (its parts)."""
+    out, cfgs, table = tiny
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for p in sorted((out / "parts").glob("*.parquet")):
+        results.write_table(pd.read_parquet(p), parts / p.name, results.read_metadata(p))
+    last_piece = table[table["run_id"] == cfgs[0].config_hash()]
+    results.write_table(last_piece, tmp_path / "results.parquet")
+    df = results.load_results(tmp_path)
+    assert set(df["run_id"]) == {c.config_hash() for c in cfgs}
+    assert len(df) == len(table)
+    # without parts, the table is what there is
+    empty = tmp_path / "only_table"
+    empty.mkdir()
+    results.write_table(last_piece, empty / "results.parquet")
+    assert set(results.load_results(empty)["run_id"]) == {cfgs[0].config_hash()}

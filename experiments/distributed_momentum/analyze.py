@@ -100,10 +100,7 @@ def load_runs(folder: Path, setting: str) -> pd.DataFrame:
     if not folder.exists() or not (any(folder.glob("parts/*.parquet"))
                                    or (folder / "results.parquet").exists()):
         return pd.DataFrame()
-    # the parts when there are any: results.parquet is written only when a `jbyz run` command
-    # finishes, so it can lag behind parts stored since (several processes, an interrupted run)
-    parts = folder / "parts"
-    df = results.load_results(parts if any(parts.glob("*.parquet")) else folder)
+    df = results.load_results(folder)  # its parts: every run stored so far
     runs = per_run(df)
     runs["setting"] = setting
     runs["gar"] = [_name(a, k) for a, k in zip(runs["aggregator"], runs["aggregator_kwargs"])]
