@@ -70,9 +70,12 @@ from config_file import parse_args, parse_mult  # experiments/marina_pp/config_f
 
 HERE = Path(__file__).resolve().parent
 N, F_REAL, C, BATCH, BETA = 20, 5, 4, 32, 0.9
+# shift-back's default multiplier: the authors' MNIST script's (the model reflected through x0);
+# the stored parts were run with it
+SHIFT_BACK_MULT = 2.0
 
 
-def make_attack(name, shift_back_mult=2.0):
+def make_attack(name, shift_back_mult=SHIFT_BACK_MULT):
     if name == "none":
         return ATTACKS.build("none")
     if name == "bit_flip":
@@ -87,7 +90,7 @@ def make_attack(name, shift_back_mult=2.0):
 
 
 def build(ds, split, model, attack_name, agg_name, lr, clip_mult, test_x, test_y,
-          momentum_all_clients=False, shift_back_mult=2.0):
+          momentum_all_clients=False, shift_back_mult=SHIFT_BACK_MULT):
     """One compiled round per (attack, aggregator); clipping on/off and f_real are traced.
 
     ``momentum_all_clients``: every client's momentum moves each round (the authors' code);
@@ -171,7 +174,7 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results" / "fmnist.parquet"))
     ap.add_argument("--momentum-all-clients", action="store_true",
                     help="update every client's momentum each round (the authors' code)")
-    ap.add_argument("--shift-back-mult", type=parse_mult, default=2.0,
+    ap.add_argument("--shift-back-mult", type=parse_mult, default=SHIFT_BACK_MULT,
                     help="shift-back's multiplier: 2 (default; the authors' MNIST script: the "
                          "model is reflected through x0) or 'lr' (their a9a script and the "
                          "paper's text: the server steps lr of the way back to x0)")
@@ -210,7 +213,7 @@ def main():
                                momentum_all_clients=args.momentum_all_clients,
                                # only when not the default, so parts stored before the option
                                # existed (all with 2) are reused
-                               **({} if args.shift_back_mult == 2.0
+                               **({} if args.shift_back_mult == SHIFT_BACK_MULT
                                   else {"shift_back_mult": args.shift_back_mult})),
                           sort_keys=True)
     meta = {**run_metadata(), "steps": str(args.steps), "settings": settings}
@@ -254,7 +257,7 @@ def main():
                     df[k] = v
                 if args.momentum_all_clients:  # a column only away from the default
                     df["momentum_clients"] = "all"
-                if args.shift_back_mult != 2.0:
+                if args.shift_back_mult != SHIFT_BACK_MULT:
                     df["shift_back_mult"] = str(args.shift_back_mult)
                 write_table(df, part, {**meta, "wall_s": f"{dt:.1f}"})
                 print(f"{name:10s} {agg_name:16s} clip={clip!s:5s} seed {seed}: "
