@@ -214,6 +214,8 @@ def ablation_f12_grid() -> str:
     for key, (what, over, gar_list) in ABLATIONS.items():
         if key == "pytorch_nesterov":  # the Nesterov form matters only with Nesterov on
             continue
+        if key == "unit_clip":  # not one of the baseline's deviations (the ICLR snapshot's)
+            continue
         common = {**common_fields(name, d, F12_LR, None, True), **over}
         if "dataset_kwargs" in over and over["dataset_kwargs"] == "{}":
             del common["dataset_kwargs"]
