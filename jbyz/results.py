@@ -221,10 +221,11 @@ def read_metadata(path: str | Path) -> dict:
 def load_results(path: str | Path) -> pd.DataFrame:
     """Loads a results file or directory into one DataFrame.
 
-    A grid's output directory loads its ``parts/``, every run finished so far, whichever command
-    stored it (a grid run in pieces with ``--only`` filters, or still running); its
-    ``results.parquet`` holds only the runs of the last ``jbyz run`` command that finished, and is
-    loaded only where there are no parts. Any other directory loads every ``*.parquet`` under it.
+    A grid's output directory loads its ``parts/``: every run finished so far, whichever command
+    stored it. Its ``results.parquet`` is written when a ``jbyz run`` command finishes, so it
+    lacks what was stored since (a piece of the grid still running, another process working on
+    the same folder); it is loaded only where there are no parts. Any other directory loads every
+    ``*.parquet`` under it.
 
     A run stored twice (two processes of one grid that overlapped, e.g. with different ``--only``
     filters) is loaded once: rows are unique by ``(run_id, step)``.

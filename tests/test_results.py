@@ -152,8 +152,8 @@ def test_a_run_stored_in_two_parts_loads_once(tiny, tmp_path):
 
 
 def test_a_directory_loads_its_parts_not_the_last_commands_table(tiny, tmp_path):
-    """A grid run in pieces (``--only``) leaves results.parquet with the last piece's runs only;
-    loading the directory gives every stored run (its parts)."""
+    """results.parquet is written when a command finishes: parts stored since (another piece of
+    the grid still running) are not in it. Loading the directory gives every stored run."""
     out, cfgs, table = tiny
     parts = tmp_path / "parts"
     parts.mkdir()
