@@ -71,3 +71,16 @@ def test_ablation_rows_use_the_seeds_the_ablation_has_run():
                   ("Median", "server", 1, 0.6), ("Median", "server", 2, 0.6)])
     assert sorted(analyze._slice(runs, seeds=(1,))["seed"]) == [1, 1]
     assert len(analyze._slice(runs, seeds=(1, 2))) == 4
+
+
+def test_f12_slice_keeps_one_attack_and_lr_with_its_references():
+    rows = [dict(run_id=str(i), dataset="fashion_mnist", n_workers=n, f_real=f, lr=lr,
+                 nesterov=False, attack_name=a, seed=1)
+            for i, (n, f, lr, a) in enumerate([
+                (51, 12, 0.5, "ALIE"), (51, 12, 0.5, "FOE"), (51, 12, 0.02, "ALIE"),
+                (51, 24, 0.5, "ALIE"), (39, 0, 0.5, "none"), (39, 0, 0.02, "none"),
+                (27, 0, 0.5, "none")])]
+    runs = pd.DataFrame(rows)
+    kept = analyze._slice(runs, f=12, lr=0.5, attack="ALIE")
+    assert kept["run_id"].tolist() == ["0", "4"]
+    assert analyze._slice(runs, f=24)["run_id"].tolist() == ["3", "6"]

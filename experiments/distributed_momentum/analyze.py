@@ -376,7 +376,8 @@ def ablation_seeds(ablation: pd.DataFrame) -> tuple[int, ...]:
 
 
 def ablation_table(authors: pd.DataFrame, baseline: pd.DataFrame, ablation: pd.DataFrame,
-                   f: int = 24, lr: float | None = None, attack: str | None = None):
+                   f: int = 24, lr: float | None = None, attack: str | None = None,
+                   skip: tuple[str, ...] = ()):
     """Headline numbers on the ablation slice, per setting (one deviation switched back).
 
     The slice is f Byzantine workers of 51 (``ablation.toml``: f = 24, both learning rates and
@@ -392,6 +393,8 @@ def ablation_table(authors: pd.DataFrame, baseline: pd.DataFrame, ablation: pd.D
     for key, (what, over, gar_list) in ABLATIONS.items():
         if ablation.empty:
             break
+        if key in skip:
+            continue
         nest = key == "pytorch_nesterov"
         sub = ablation[ablation["setting"].str.startswith("ablation")]
         sub = _slice(sub, nesterov=nest, **cut)
@@ -537,7 +540,10 @@ def main(dest: str | Path | None = None) -> None:
         print(ab.to_string(index=False, float_format="{:.3f}".format))
     ablation_f12 = load_runs(RESULTS / "ablation_f12", "ablation_f12")
     if not ablation_f12.empty:
-        ab12 = ablation_table(authors, baseline, ablation_f12, f=12, lr=0.5, attack="ALIE")
+        from make_grid import F12_LR, F12_SKIP  # noqa: E402  (this folder)
+
+        ab12 = ablation_table(authors, baseline, ablation_f12, f=12, lr=F12_LR, attack="ALIE",
+                              skip=F12_SKIP)
         ab12.to_csv(dest / "ablation_f12.csv", index=False)
         seeds = ", ".join(map(str, ablation_seeds(ablation_f12)))
         print(f"\nAblation at f = 12 (Fashion-MNIST, ALIE, lr 0.5, seeds {seeds}, no Nesterov):")

@@ -203,6 +203,9 @@ ABLATION_F12_WHAT = '''# Ablation at f = 12 of 51 (Fashion-MNIST, ALIE, lr 0.5, 
 #   jbyz run experiments/distributed_momentum/ablation_f12.toml'''
 
 F12_LR = 0.5
+# left out at f = 12: the Nesterov form (these runs have no Nesterov) and the ICLR snapshot's unit
+# clip (not one of the baseline's deviations)
+F12_SKIP = ("pytorch_nesterov", "unit_clip")
 F12_ATTACK = '{name = "alie", z = 1.5, sign = "minus"}'
 
 
@@ -212,9 +215,7 @@ def ablation_f12_grid() -> str:
                            seeds="[1, 2, 3]", nesterov="[false]")]
     f = d["f"][1]
     for key, (what, over, gar_list) in ABLATIONS.items():
-        if key == "pytorch_nesterov":  # the Nesterov form matters only with Nesterov on
-            continue
-        if key == "unit_clip":  # not one of the baseline's deviations (the ICLR snapshot's)
+        if key in F12_SKIP:
             continue
         common = {**common_fields(name, d, F12_LR, None, True), **over}
         if "dataset_kwargs" in over and over["dataset_kwargs"] == "{}":
