@@ -66,7 +66,9 @@ def test_bound_share_counts_steps_under_the_bound_with_loss_not_above_start():
 def test_ablation_rows_use_the_seeds_the_ablation_has_run():
     """A partly run ablation (seed 1 only) is compared with the authors' setting on seed 1 only."""
     assert analyze.ablation_seeds(pd.DataFrame()) == (1, 2, 3)
-    assert analyze.ablation_seeds(pd.DataFrame({"seed": [1, 1, 3]})) == (1, 3)
+    assert analyze.ablation_seeds(pd.DataFrame({"seed": [1, 1, 3, 3]})) == (1, 3)
+    # a seed begun but not finished is left out until it has as many runs as the others
+    assert analyze.ablation_seeds(pd.DataFrame({"seed": [1, 1, 1, 2, 3]})) == (1,)
     runs = _runs([(None, "server", 1, 0.8), (None, "server", 2, 0.8),
                   ("Median", "server", 1, 0.6), ("Median", "server", 2, 0.6)])
     assert sorted(analyze._slice(runs, seeds=(1,))["seed"]) == [1, 1]

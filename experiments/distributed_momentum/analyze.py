@@ -369,10 +369,12 @@ def _slice(runs, nesterov=False, seeds=(1, 2, 3), f=24, lr=None, attack=None):
 
 
 def ablation_seeds(ablation: pd.DataFrame) -> tuple[int, ...]:
-    """The seeds the ablation has run so far (every row of its table uses these), else 1-3."""
+    """The seeds the ablation has run as far as its most complete seed (every row of its table
+    uses these, so that no block is compared on fewer seeds than the others), else 1-3."""
     if ablation.empty:
         return (1, 2, 3)
-    return tuple(sorted(int(s) for s in ablation["seed"].unique()))
+    counts = ablation["seed"].value_counts()
+    return tuple(sorted(int(s) for s in counts.index[counts == counts.max()]))
 
 
 def ablation_table(authors: pd.DataFrame, baseline: pd.DataFrame, ablation: pd.DataFrame,
