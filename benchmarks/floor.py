@@ -16,6 +16,7 @@ when its files are missing (same cost; the speed figures only).
     python benchmarks/floor.py --quick
     python benchmarks/floor.py --R 1 8 --rules mean median trimmed_mean krum --width 1
     python benchmarks/floor.py --R 64 --rules median --width 1 --steps 30
+    python benchmarks/floor.py --R 64 --rules median median+nnm --width 1   # "+": pre-aggregators
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/floor.py --R 8 --width 1 --devices 2
     python benchmarks/floor.py --workload cifar_cnn --R 8 --rules median --steps 10 --data auto
 
@@ -51,7 +52,9 @@ def build(rule: str, R: int, width: int, steps: int, ds, wl: str = "mlp", device
     from jbyz.grid import BatchRunner, GridOptions, _stack
     from jbyz.simulate import get_program
 
-    cfgs = [workload(wl, seed=s, steps=steps, aggregator=rule, **(over or {})) for s in range(R)]
+    agg, *pre = rule.split("+")  # "median+nnm": the median after nearest-neighbour mixing
+    extra = dict(over or {}, **({"preaggregators": tuple(pre)} if pre else {}))
+    cfgs = [workload(wl, seed=s, steps=steps, aggregator=agg, **extra) for s in range(R)]
     prog = get_program(cfgs[0], dataset=ds)
     w = max(prog.split_width(c) for c in cfgs)
     inp = jax.tree.map(jnp.asarray, _stack([prog.inputs(c, w) for c in cfgs]))

@@ -29,7 +29,7 @@ from jbyz import aggregators, attacks, preaggregators, protocols, schedules, tra
 from jbyz.config import RunConfig, _norm_pre
 from jbyz.types import AggregationRule, Attack, PreAggregator
 
-__all__ = ["Components", "components", "optimizer_chain", "worker_stages"]
+__all__ = ["Components", "components", "optimizer_chain", "traced_attack_kwargs", "worker_stages"]
 
 
 class Components(NamedTuple):
@@ -41,13 +41,52 @@ class Components(NamedTuple):
     latency: Any  # a protocols latency model, or None when every worker arrives each step
 
 
-def components(cfg: RunConfig) -> Components:
-    """Builds the attack, the rule, the pre-aggregators and the latency model of ``cfg``."""
+def traced_attack_kwargs(cfg: RunConfig) -> dict[str, float]:
+    """The attack hyper-parameters of ``cfg`` that a compiled program takes as arguments.
+
+    A hyper-parameter is passed as a traced ``float32`` scalar, rather than compiled in, when the
+    attack's factory declares it a ``float`` (its annotation starts with ``float``: ALIE's ``z``,
+    FoE's ``eps``, Gaussian's ``std``, sign flip's ``scale``, the line searches' ``start`` /
+    ``delta`` / ``ratio`` ...) and ``cfg`` gives it a number. Runs that differ only in these
+    values then share one compiled program (a sweep over ALIE's ``z`` compiles once instead of
+    once per value). Strings, booleans and integers (iteration counts, subset sizes) stay
+    static. Every such hyper-parameter of every registered attack is checked to give the same
+    result traced as compiled in (``tests/test_traced_hyperparameters.py``). The environment
+    variable ``JBYZ_TRACED_ATTACK_KWARGS=0`` compiles them in again (one program per value; the
+    benchmark ``benchmarks/compile_sharing.py`` compares the two).
+
+    Returns:
+      ``{name: value}``, sorted by name; empty when nothing is traced.
+    """
+    import inspect
+    import numbers
+    import os
+
+    if os.environ.get("JBYZ_TRACED_ATTACK_KWARGS", "1") == "0":
+        return {}
+    entry = attacks.ATTACKS.entry(cfg.attack)
+    params = inspect.signature(entry.factory).parameters
+    out = {}
+    for k, v in sorted(dict(cfg.attack_kwargs).items()):
+        p = params.get(k)
+        if p is None or isinstance(v, bool) or not isinstance(v, numbers.Real):
+            continue
+        if str(p.annotation).replace(" ", "").startswith("float"):
+            out[k] = float(v)
+    return out
+
+
+def components(cfg: RunConfig, attack_kwargs: dict | None = None) -> Components:
+    """Builds the attack, the rule, the pre-aggregators and the latency model of ``cfg``.
+
+    ``attack_kwargs`` overrides some of ``cfg.attack_kwargs`` (traced values of
+    :func:`traced_attack_kwargs`, inside a compiled program).
+    """
     latency = None
     if cfg.latency != "none":
         latency = protocols.LATENCIES.build(cfg.latency, **dict(cfg.latency_kwargs))
     return Components(
-        attacks.ATTACKS.build(cfg.attack, **dict(cfg.attack_kwargs)),
+        attacks.ATTACKS.build(cfg.attack, **{**dict(cfg.attack_kwargs), **(attack_kwargs or {})}),
         aggregators.AGGREGATORS.build(cfg.aggregator, **dict(cfg.aggregator_kwargs)),
         tuple(preaggregators.PREAGGREGATORS.build(name, **kw)
               for name, kw in _norm_pre(cfg.preaggregators)),

@@ -10,7 +10,8 @@ It is built from the same optax transforms a user chains by hand (:mod:`jbyz.tra
 
 A configuration splits into a **static** part (shapes, kinds, model, the number of worker slots,
 step counts: :func:`static_key`) and a **dynamic** part (:class:`Dyn`: the seed's key, lr,
-momentum, weight decay, real and declared f, clipping radius, the number of real workers). A
+momentum, weight decay, real and declared f, clipping radius, the number of real workers, the
+attack's numeric hyper-parameters such as ALIE's z: :func:`jbyz.chain.traced_attack_kwargs`). A
 :class:`Program` is compiled once per static part and takes the dynamic part as array
 arguments, so one compiled program serves every seed, lr, f ... of a grid (:mod:`jbyz.grid`
 vmaps it over runs). Different numbers of workers share a program by padding to ``n_max`` worker
@@ -90,6 +91,7 @@ class Dyn(NamedTuple):
     k: jax.Array  # int32, first-k: arrivals kept per round (n_workers when waiting for all)
     local_lr: jax.Array  # float32, the workers' local SGD rate (unused without local steps)
     m_sample: jax.Array  # int32, workers sampled per round (n_workers without client sampling)
+    attack_kwargs: Any = ()  # {name: float32} the traced attack hyper-parameters (chain.traced_attack_kwargs)
 
 
 class RunInputs(NamedTuple):
@@ -174,6 +176,8 @@ def static_key(cfg: RunConfig, *, pad_workers: bool = False) -> str:
     d["local_lr"] = cfg.local_lr is not None
     d["client_fraction"] = cfg.client_fraction is not None
     d["compute_budget"] = None  # it only decides `steps`, which is in the key
+    traced = chain.traced_attack_kwargs(cfg)  # passed as arguments: only their names decide
+    d["attack_kwargs"] = {k: ("traced" if k in traced else v) for k, v in d["attack_kwargs"].items()}
     if not pad_workers or per_epoch_schedule(cfg):
         d["n_workers"] = cfg.n_workers  # (a per-epoch schedule's epoch length depends on it)
     if cfg.split == "dirichlet":
@@ -256,6 +260,7 @@ class Program:
             k=np.int32(cfg.first_k if cfg.first_k is not None else cfg.n_workers),
             local_lr=np.float32(cfg.local_lr or 0.0),
             m_sample=np.int32(clients_per_round(cfg)),
+            attack_kwargs={k: np.float32(v) for k, v in chain.traced_attack_kwargs(cfg).items()},
         )
         return RunInputs(dyn, np.asarray(flat), jax.tree.map(np.asarray, model.state),
                          idx.astype(np.int32), sizes.astype(np.int32), val if self.n_val else ())
@@ -286,7 +291,10 @@ class Program:
     def transforms(self, dyn: Dyn):
         """The four optax stages of a run (:func:`jbyz.chain.optimizer_chain`), closed over its
         dynamic values (traced or concrete)."""
-        return chain.optimizer_chain(self.cfg, self.components, dyn, n=self.n,
+        comp = self.components
+        if dyn.attack_kwargs:  # the run's own (traced) attack hyper-parameters
+            comp = chain.components(self.cfg, attack_kwargs=dict(dyn.attack_kwargs))
+        return chain.optimizer_chain(self.cfg, comp, dyn, n=self.n,
                                      rows=self.grad_rows,
                                      samples_per_run=self.n_worker_samples - self.n_val)
 
