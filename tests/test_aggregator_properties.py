@@ -293,3 +293,38 @@ def test_bucketing_spoils_at_most_b_buckets(case, k):
     spoiled = [not (np.all(o >= lo - 1e-5) and np.all(o <= hi + 1e-5)) for o in out[v]]
     assert sum(spoiled) <= int(byz.sum())
     assert fo == f and int(v.sum()) == -(-int(valid.sum()) // 2)
+
+
+@pytest.mark.parametrize("bad", ["none", "nan_valid", "inf_padding", "huge"])
+def test_nnm_mixing_with_and_without_non_finite_rows(bad):
+    """NNM equals its definition on the usable rows, and a NaN / inf / overflowing row, valid or
+    padding, never leaks into another row's mix (it is zeroed before the mixing matmul)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jbyz.preaggregators import PREAGGREGATORS
+
+    rng = np.random.default_rng(5)
+    n, d, f = 8, 6, 2
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    valid = np.ones(n, bool)
+    valid[-1] = False  # a padding slot
+    if bad == "nan_valid":
+        x[0] = np.nan
+    elif bad == "inf_padding":
+        x[-1] = np.inf
+    elif bad == "huge":
+        x[-1] = 1e30  # finite, but its squared norm overflows: unusable
+    nnm = PREAGGREGATORS.build("nnm")
+    out, _, _, _ = jax.jit(lambda x: nnm.apply(x, jnp.asarray(valid), f, jax.random.key(0), ()))(x)
+    out = np.asarray(out)
+    usable = valid & np.all(np.isfinite(x), axis=1) & (np.sum(x.astype(np.float64) ** 2, 1) < 3e38)
+    m = int(valid.sum())
+    idx = np.flatnonzero(usable)
+    for i in idx:
+        dist = np.sum((x[idx] - x[i]) ** 2, axis=1)
+        near = idx[np.argsort(dist, kind="stable")[: m - f]]
+        np.testing.assert_allclose(out[i], x[near].mean(axis=0), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(out[idx]))
+    for i in np.flatnonzero(~usable):  # unusable rows pass through
+        np.testing.assert_array_equal(out[i], x[i])
