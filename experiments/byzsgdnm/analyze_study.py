@@ -54,6 +54,8 @@ def _runs(path: Path) -> pd.DataFrame:
     if "attack.z" not in df:
         df["attack.z"] = np.nan
     per = plots.per_run(df)
+    if "agg_distance" not in df:  # the study runs without diagnostics (the pilot logs them)
+        return per.assign(mean_agg_distance=np.nan)
     dist = df.groupby("run_id")["agg_distance"].mean().rename("mean_agg_distance")
     return per.join(dist, on="run_id")
 
