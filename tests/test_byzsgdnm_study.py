@@ -45,3 +45,20 @@ def test_b_star_per_seed_at_each_batch_sizes_chosen_lr():
     assert bs["per_seed"] == "128 128 8"
     assert bs["B_star"] == pytest.approx(2 ** ((7 + 7 + 3) / 3))
     assert bs["se_log2"] == pytest.approx(np.std([7, 7, 3], ddof=1) / np.sqrt(3))
+
+
+def test_runs_reads_a_study_without_diagnostics(monkeypatch):
+    """The study logs no agg_distance (diagnostics off); _runs must not need it."""
+    rows = [dict(run_id=f"r{s}", step=t, test_accuracy=0.5 + 0.1 * s + 0.01 * t, method_name="x",
+                 seed=s) for s in range(2) for t in (0, 10)]
+    df = pd.DataFrame(rows)
+    monkeypatch.setattr(S.results, "load_results", lambda path: df)
+    monkeypatch.setattr(S, "label", lambda d: d)
+    monkeypatch.setattr(S.plots, "per_run", lambda d: d.groupby("run_id", as_index=False)
+                        ["test_accuracy"].last().rename(columns={"test_accuracy": "final"}))
+    runs = S._runs(Path("unused"))
+    assert list(runs["final"]) == pytest.approx([0.6, 0.7])
+    assert runs["mean_agg_distance"].isna().all()
+    with_diag = df.assign(agg_distance=[1.0, 3.0, 2.0, 2.0])
+    monkeypatch.setattr(S.results, "load_results", lambda path: with_diag)
+    assert list(S._runs(Path("unused"))["mean_agg_distance"]) == [2.0, 2.0]
