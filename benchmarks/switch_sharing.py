@@ -53,10 +53,13 @@ def rtime(c, i, reps=5):
     return float(np.median(ts))
 run_single = [rtime(c, 0) for _, c in single]
 run_switch = [rtime(sw_c, i) for i in range(len(br))]
-out = Path(__file__).resolve().parent / "results" / "switch_sharing.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import RESULTS, meta, write_json  # noqa: E402
+
+out = RESULTS / "switch_sharing.json"
 old = json.loads(out.read_text()) if out.exists() else {}
-old[",".join(rules)] = dict(compile_single_s=[t for t, _ in single], compile_switch_s=sw_t,
+old[",".join(rules)] = dict(meta=meta(), compile_single_s=[t for t, _ in single], compile_switch_s=sw_t,
                             run_single_s_per_20_steps=run_single, run_switch_s_per_20_steps=run_switch)
-out.write_text(json.dumps(old, indent=1))
+write_json(out, old)
 print("compile single:", [round(t, 2) for t, _ in single], "sum", round(sum(t for t, _ in single), 2), "| switch:", round(sw_t, 2))
-print("run single ms/20 steps:", [round(1e3 * rtime(c, 0), 1) for _, c in single], "| switch by branch:", [round(1e3 * rtime(sw_c, i), 1) for i in range(len(br))])
+print("run single ms/20 steps:", [round(1e3 * t, 1) for t in run_single], "| switch by branch:", [round(1e3 * t, 1) for t in run_switch])

@@ -21,6 +21,7 @@ inside a grid, so one compiled program serves every learning rate, momentum, ``f
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import optax
@@ -29,7 +30,8 @@ from jbyz import aggregators, attacks, preaggregators, protocols, schedules, tra
 from jbyz.config import RunConfig, _norm_pre
 from jbyz.types import AggregationRule, Attack, PreAggregator
 
-__all__ = ["Components", "components", "optimizer_chain", "traced_attack_kwargs", "worker_stages"]
+__all__ = ["Components", "components", "optimizer_chain", "traceable_attack_params",
+           "traced_attack_kwargs", "worker_stages"]
 
 
 class Components(NamedTuple):
@@ -58,35 +60,34 @@ def traced_attack_kwargs(cfg: RunConfig) -> dict[str, float]:
     Returns:
       ``{name: value}``, sorted by name; empty when nothing is traced.
     """
-    import inspect
     import numbers
     import os
 
     if os.environ.get("JBYZ_TRACED_ATTACK_KWARGS", "1") == "0":
         return {}
-    entry = attacks.ATTACKS.entry(cfg.attack)
-    params = inspect.signature(entry.factory).parameters
-    out = {}
-    for k, v in sorted(dict(cfg.attack_kwargs).items()):
-        p = params.get(k)
-        if p is None or isinstance(v, bool) or not isinstance(v, numbers.Real):
-            continue
-        if str(p.annotation).replace(" ", "").startswith("float"):
-            out[k] = float(v)
-    return out
+    names = traceable_attack_params(cfg.attack)
+    return {k: float(v) for k, v in sorted(dict(cfg.attack_kwargs).items())
+            if k in names and not isinstance(v, bool) and isinstance(v, numbers.Real)}
 
 
-def components(cfg: RunConfig, attack_kwargs: dict | None = None) -> Components:
-    """Builds the attack, the rule, the pre-aggregators and the latency model of ``cfg``.
+@functools.lru_cache(maxsize=None)
+def traceable_attack_params(name: str) -> frozenset[str]:
+    """The hyper-parameters the factory of attack ``name`` declares ``float`` (its annotation
+    starts with ``float``): the ones :func:`traced_attack_kwargs` may pass traced."""
+    import inspect
 
-    ``attack_kwargs`` overrides some of ``cfg.attack_kwargs`` (traced values of
-    :func:`traced_attack_kwargs`, inside a compiled program).
-    """
+    params = inspect.signature(attacks.ATTACKS.entry(name).factory).parameters
+    return frozenset(k for k, p in params.items()
+                     if str(p.annotation).replace(" ", "").startswith("float"))
+
+
+def components(cfg: RunConfig) -> Components:
+    """Builds the attack, the rule, the pre-aggregators and the latency model of ``cfg``."""
     latency = None
     if cfg.latency != "none":
         latency = protocols.LATENCIES.build(cfg.latency, **dict(cfg.latency_kwargs))
     return Components(
-        attacks.ATTACKS.build(cfg.attack, **{**dict(cfg.attack_kwargs), **(attack_kwargs or {})}),
+        attacks.ATTACKS.build(cfg.attack, **dict(cfg.attack_kwargs)),
         aggregators.AGGREGATORS.build(cfg.aggregator, **dict(cfg.aggregator_kwargs)),
         tuple(preaggregators.PREAGGREGATORS.build(name, **kw)
               for name, kw in _norm_pre(cfg.preaggregators)),

@@ -292,8 +292,9 @@ class Program:
         """The four optax stages of a run (:func:`jbyz.chain.optimizer_chain`), closed over its
         dynamic values (traced or concrete)."""
         comp = self.components
-        if dyn.attack_kwargs:  # the run's own (traced) attack hyper-parameters
-            comp = chain.components(self.cfg, attack_kwargs=dict(dyn.attack_kwargs))
+        if dyn.attack_kwargs:  # the attack rebuilt with the run's own (traced) hyper-parameters
+            comp = comp._replace(attack=attacks.ATTACKS.build(
+                self.cfg.attack, **{**dict(self.cfg.attack_kwargs), **dyn.attack_kwargs}))
         return chain.optimizer_chain(self.cfg, comp, dyn, n=self.n,
                                      rows=self.grad_rows,
                                      samples_per_run=self.n_worker_samples - self.n_val)

@@ -28,10 +28,9 @@ def _float_params():
     out = []
     for name in reg.names():
         params = inspect.signature(reg.entry(name).factory).parameters
-        for k, p in params.items():
-            if str(p.annotation).replace(" ", "").startswith("float"):
-                default = p.default if isinstance(p.default, float) else 1.0
-                out.append((name, k, default))
+        for k in sorted(chain.traceable_attack_params(name)):
+            default = params[k].default if isinstance(params[k].default, float) else 1.0
+            out.append((name, k, default))
     return out
 
 
