@@ -564,8 +564,13 @@ class Program:
         return self._compiled["single"]
 
 
-# Compiled programs keyed by (static key, n_max, grad_rows, dataset).
+# Compiled programs keyed by (static key, n_max, grad_rows, dataset). Bounded: XLA:CPU maps every
+# compiled kernel into its own memory sections, ~400-1,700 memory maps per program here, and a
+# Linux process may hold 65,530 (``vm.max_map_count``); past that, compilation aborts the process
+# ("LLVM ERROR: Unable to allocate section memory"), measured on the distributed-momentum grid at
+# its 62nd program. 16 programs stay well inside it.
 _PROGRAMS: dict = {}
+_MAX_PROGRAMS = 16
 
 
 def get_program(cfg: RunConfig, n_max: int | None = None, grad_rows: int | None = None,
@@ -574,10 +579,26 @@ def get_program(cfg: RunConfig, n_max: int | None = None, grad_rows: int | None 
     ds = dataset if dataset is not None else load_data(cfg)
     key = (static_key(cfg, pad_workers=True), n_max or cfg.n_workers, grad_rows, id(ds))
     if key not in _PROGRAMS:
-        if len(_PROGRAMS) >= 64:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        if len(_PROGRAMS) >= _MAX_PROGRAMS:
+            release_program(next(iter(_PROGRAMS.values())))
         _PROGRAMS[key] = Program(cfg, n_max, grad_rows, ds)
     return _PROGRAMS[key]
+
+
+def release_program(prog: Program) -> None:
+    """Drops ``prog`` from the program cache and frees its compiled code now.
+
+    :func:`get_program` calls it on the oldest program when the cache is full (see
+    ``_MAX_PROGRAMS`` on why the bound matters on CPU). An object that still holds ``prog`` (a
+    :class:`Simulation`) can use it again: its pieces are compiled again on first use (or loaded
+    from the persistent compilation cache).
+    """
+    import gc
+
+    for k in [k for k, v in _PROGRAMS.items() if v is prog]:
+        del _PROGRAMS[k]
+    prog._compiled.clear()  # the batch runners hold the compiled chunks (and point back: a cycle)
+    gc.collect()
 
 
 class Simulation:

@@ -117,6 +117,41 @@ def test_one_compilation_per_group(tmp_path, monkeypatch):
     assert len(traces) == 0, "the second grid of the same group must not retrace"
 
 
+def test_programs_in_memory_are_bounded_and_freed(tmp_path, monkeypatch):
+    """A grid with more groups than the program cache holds keeps at most ``_MAX_PROGRAMS``
+    programs, and an evicted program's compiled code is freed (XLA:CPU maps each compiled kernel
+    into memory; a process that kept every program aborted at the 62nd: vm.max_map_count)."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(simulate, "_MAX_PROGRAMS", 2)
+    simulate._PROGRAMS.clear()
+    rules = ["mean", "median", "trimmed_mean", "meamed"]
+    cfgs = [BASE.replace(aggregator=a, steps=4, eval_every=2, diagnostics=False) for a in rules]
+    first = simulate.get_program(cfgs[0])
+    chunk_refs = []
+    orig = grid.BatchRunner.chunk_fn
+
+    def keep_ref(self, length, args):
+        fn = orig(self, length, args)
+        chunk_refs.append(weakref.ref(fn))
+        return fn
+
+    monkeypatch.setattr(grid.BatchRunner, "chunk_fn", keep_ref)
+    table = grid.run_grid(cfgs, tmp_path, progress=False, log=None)
+    assert sorted(table.aggregator.unique()) == sorted(rules)
+    assert len(simulate._PROGRAMS) == 2
+    assert first not in simulate._PROGRAMS.values()
+    gc.collect()
+    # the first two groups' compiled chunks are gone; the last two groups' are still cached
+    alive = [r() is not None for r in chunk_refs[::2]]  # one chunk_fn call per chunk, 2 a run
+    assert alive == [False, False, True, True]
+    # an evicted program still held by someone compiles its pieces again and gives the same run
+    again = simulate.Simulation(cfgs[0])
+    assert again.run(progress=False).to_frame().test_accuracy.iloc[-1] == pytest.approx(
+        table[table.aggregator == "mean"].sort_values("step").test_accuracy.iloc[-1])
+
+
 def test_grid_equals_single_runs_alone_and_padded(reference):
     _, table = reference
     for cfg in _grid_configs()[::2] + [_grid_configs()[-1]]:
