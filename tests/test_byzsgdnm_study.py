@@ -62,3 +62,29 @@ def test_runs_reads_a_study_without_diagnostics(monkeypatch):
     with_diag = df.assign(agg_distance=[1.0, 3.0, 2.0, 2.0])
     monkeypatch.setattr(S.results, "load_results", lambda path: with_diag)
     assert list(S._runs(Path("unused"))["mean_agg_distance"]) == [2.0, 2.0]
+
+
+def test_claims_count_rows_and_gaps_against_their_standard_error():
+    """B* per row from the mean over seeds; a ByzSGDnm gain counts only beyond 2 SE."""
+    acc = {  # (method, f_real) -> mean accuracy at B = 8, 32, 128, 512
+        ("ByzSGDm", 0): [0.90, 0.88, 0.86, 0.84], ("ByzSGDnm", 0): [0.89, 0.90, 0.88, 0.87],
+        ("ByzSGDm", 1): [0.80, 0.85, 0.84, 0.83], ("ByzSGDnm", 1): [0.84, 0.86, 0.87, 0.86],
+        ("ByzSGDm", 3): [0.30, 0.60, 0.80, 0.82], ("ByzSGDnm", 3): [0.60, 0.75, 0.82, 0.821],
+    }
+    rows = [dict(method=m, rule="CM", f_real=f, batch_size=b, lr=0.1, mean=v, se=0.002, seeds=3, edge="")
+            for (m, f), vals in acc.items() for b, v in zip([8, 32, 128, 512], vals)]
+    cells = pd.DataFrame(rows)
+    bs = pd.DataFrame([dict(method=m, rule="CM", f_real=f, per_seed="8 8 32") for (m, f) in acc])
+    cl = S.claims(cells, bs)
+    by = {c.split(".")[0]: r for c, r in zip(cl["claim"], cl["reproduced"])}
+    ours = {c.split(".")[0]: o for c, o in zip(cl["claim"], cl["ours"])}
+    assert by["C1"] == "1/2 rows"            # ByzSGDm best at 8; ByzSGDnm at 32
+    assert "CM 8 [8/8/32]" in ours["C1"] and "CM 32 [8/8/32]" in ours["C1"]
+    assert by["C2"] == "1/1 rows"            # ByzSGDm at delta = 1/8: 32 > 8
+    assert by["C3"] == "2/2 rows"            # 512 for both methods
+    assert by["C4"] == "2/2 rows"            # 8/32/512 and 32/128/512
+    assert by["C5"] == "1/1 rows" and "CM +30.00 ± 0.28" in ours["C5"]
+    assert by["C6"] == "0/1 rows"            # +0.1 points is inside 2 SE (0.57)
+    assert by["C8"] == "2/2 rows" and "ByzSGDm+CM 60.0/2.0" in ours["C8"]
+    # the paper's side is computed from its tables, not typed in
+    assert "KR 512, GM 128, CM 128, CC 128" in cl["paper"].iloc[1]
