@@ -553,6 +553,37 @@ class Program:
             out.update({"val_" + k.removeprefix("test_"): v for k, v in val.items()})
         return out
 
+    def flops(self, cfg: RunConfig | None = None) -> dict[str, float]:
+        """Floating-point operations of one training step and of one evaluation of ``cfg`` (this
+        program's configuration by default), from XLA's cost analysis; compiled, not run.
+
+        XLA's cost analysis counts the body of a loop once, whatever its trip count (a chunk of
+        ``k`` steps reports about what one step does). So the step is compiled alone, outside
+        the chunk's ``lax.scan``, and the evaluation on one 1,000-image chunk of the test set,
+        then scaled by the test set's size. Loops *inside* a step (GM's Weiszfeld iterations,
+        local steps, ``grad_method="map"``) are still counted once: the result is a lower bound
+        there.
+
+        Returns:
+          ``{"step": FLOP of one training step, "eval": FLOP of one evaluation}`` (NaN where
+          the backend reports none).
+        """
+        cfg = cfg or self.cfg
+
+        def count(compiled) -> float:
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            return float((cost or {}).get("flops", float("nan")))
+
+        inp = jax.tree.map(jnp.asarray, self.inputs(cfg))
+        carry = jax.eval_shape(self.init, inp)
+        step = jax.jit(self.step).lower(carry, jnp.asarray(0, jnp.int32), inp, self.train)
+        x, y = self.test
+        n_test, chunk = int(x.shape[0]), min(1000, int(x.shape[0]))
+        ev = jax.jit(lambda c, t: self.evaluate(c.params, c.model_state, t, c.eval_key)).lower(
+            carry, (x[:chunk], y[:chunk]))
+        return {"step": count(step.compile()), "eval": count(ev.compile()) * n_test / chunk}
+
     # ------------------------------------------------------------------ compiled entry points
     def compiled_single(self):
         """``(init, chunk, eval)`` jitted for one run (no runs axis)."""

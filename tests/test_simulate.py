@@ -226,3 +226,24 @@ def test_momentum_first_zero_starts_the_worker_ema_from_zero():
         check(RunConfig(**base, momentum_first="zero", momentum_at="server"))
     with pytest.raises(ConfigError, match="momentum_first"):
         check(RunConfig(**base, momentum_first="one"))
+
+
+def test_program_flops_count_one_step_not_one_loop_body():
+    """XLA's cost analysis counts a loop body once; Program.flops compiles the step alone and
+    scales one evaluation chunk, so its counts match the analytic cost of an MLP: ~4.3 x params
+    FLOP per training sample per gradient row, ~2 x params per test image."""
+    from jbyz.simulate import Program
+
+    cfg = BASE.replace(attack="alie", aggregator="median", steps=4, eval_every=4)
+    prog = Program(cfg)
+    p = prog.d
+    assert prog.grad_rows == cfg.n_workers - cfg.f_real  # ALIE's attackers skip their gradients
+    small, big = prog.flops(cfg), Program(cfg.replace(batch_size=64)).flops()
+    # the 32 more samples per gradient row cost ~4.3 x params each (forward 2, weight gradients
+    # 2, the hidden layer's input gradient 2 x 100 x 10; no gradient for the input layer's
+    # inputs); the rest of the step (median, ALIE, momentum) does not grow with the batch
+    per_sample = (big["step"] - small["step"]) / (32 * prog.grad_rows)
+    assert 4.0 * p < per_sample < 4.6 * p, per_sample / p
+    assert small["step"] > 32 * prog.grad_rows * per_sample  # plus the rest of the step
+    n_test = prog.test[0].shape[0]
+    assert 1.8 * p * n_test < small["eval"] < 2.6 * p * n_test, small["eval"] / (p * n_test)

@@ -9,7 +9,10 @@ The script measures, on this machine:
 
 * one chunk of ``--steps`` training steps, after compilation;
 * one evaluation on 10,000 images;
-* the floating-point operations of both, from XLA's cost analysis of the compiled programs.
+* the floating-point operations of both, from XLA's cost analysis of the compiled programs
+  (``jbyz.simulate.Program.flops``: the step compiled alone, since the cost analysis counts a
+  loop body once whatever its trip count; until 2026-12-04 this script divided a 10-step chunk's
+  count by 10, which under-counted a step 10x).
 
 It prints the projected time of the CIFAR half: 1,840 runs x 3,000 steps plus 30 evaluations
 each. It also prints the GPU-hours at a few sustained FLOP rates, which are stated as
@@ -31,15 +34,6 @@ from jbyz import data, simulate
 from jbyz.config import load_experiment
 
 HERE = Path(__file__).resolve().parent
-
-
-def _flops(compiled) -> float:
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", float("nan")))
-    except Exception:  # noqa: BLE001  (not every backend reports it)
-        return float("nan")
 
 
 def main(steps: int = 10) -> None:
@@ -72,8 +66,10 @@ def main(steps: int = 10) -> None:
     tc = time.perf_counter()
     jax.block_until_ready(ev_c(carry, prog.test))
     eval_s = time.perf_counter() - tc
-    step_flop = _flops(lowered) / steps
-    eval_flop = _flops(ev_c)
+    # XLA's cost analysis counts a loop body once (a chunk of `steps` steps reports about one
+    # step), so the FLOPs come from the step compiled alone and one 1,000-image evaluation chunk
+    cost = prog.flops(cfg)
+    step_flop, eval_flop = cost["step"], cost["eval"]
     full = 3000 * step_s + 30 * eval_s
     total_flop = len(runs) * (3000 * step_flop + 30 * eval_flop)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
