@@ -88,3 +88,14 @@ def test_claims_count_rows_and_gaps_against_their_standard_error():
     assert by["C8"] == "2/2 rows" and "ByzSGDm+CM 60.0/2.0" in ours["C8"]
     # the paper's side is computed from its tables, not typed in
     assert "KR 512, GM 128, CM 128, CC 128" in cl["paper"].iloc[1]
+
+
+def test_cell_table_compares_lr_values_on_the_same_number_of_seeds():
+    """A value run on one seed so far (a grid extension in progress) is not chosen over values
+    run on three, however good its one seed; it still sets the grid's edge."""
+    runs = _runs({(8, 0.001): [0.95], (8, 0.01): [0.80, 0.82, 0.81], (8, 0.03): [0.70, 0.70, 0.70]})
+    cell = S.cell_table(runs).iloc[0]
+    assert cell["lr"] == 0.01 and cell["seeds"] == 3 and cell["edge"] == ""
+    runs = _runs({(8, 0.001): [0.95, 0.94, 0.96], (8, 0.01): [0.80, 0.82, 0.81]})
+    cell = S.cell_table(runs).iloc[0]
+    assert cell["lr"] == 0.001 and cell["edge"] == "low"

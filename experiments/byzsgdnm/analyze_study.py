@@ -88,11 +88,18 @@ def pilot(out: Path) -> str:
 
 
 def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, rule, f_real, B): the chosen lr0, mean +- SE over seeds, edge flag."""
+    """One row per (method, rule, f_real, B): the chosen lr0, mean +- SE over seeds, edge flag.
+
+    The choice is among the lr0 values run on the most seeds of the cell; the edge flag is
+    against every lr0 of the cell's grid (so a value still running counts as the grid's edge)."""
     g = runs.groupby([*KEY, "lr"])["final"]
     s = g.agg(mean="mean", se=lambda v: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.nan,
               seeds="count").reset_index()
     lrs = runs.groupby(KEY)["lr"].agg(lo="min", hi="max").reset_index()
+    # lr0 values are compared on equal footing only: in a half-finished grid a value run on fewer
+    # seeds than the cell's others is left out of the choice until its seeds are in
+    full = s["seeds"] == s.groupby(KEY)["seeds"].transform("max")
+    s = s[full]
     best = s.loc[s.groupby(KEY)["mean"].idxmax()].merge(lrs, on=KEY)
     best["edge"] = np.where(best["lr"] == best["lo"], "low",
                             np.where(best["lr"] == best["hi"], "high", ""))
