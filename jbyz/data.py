@@ -592,6 +592,36 @@ def synthetic_regression(
     return Dataset("synthetic_regression", x_tr, y_tr, x_te, y_te, 0, (int(dim),), "regression")
 
 
+# Shapes of the file-backed datasets: (training size, test size, image shape, classes).
+SHAPES = {"mnist": (60_000, 10_000, (28, 28, 1), 10), "fashion_mnist": (60_000, 10_000, (28, 28, 1), 10),
+          "cifar10": (50_000, 10_000, (32, 32, 3), 10), "cifar100": (50_000, 10_000, (32, 32, 3), 100)}
+
+
+def stand_in(name: str, seed: int = 0) -> Dataset:
+    """Random data of a file-backed dataset's exact shapes and sizes (standard normal pixels,
+    uniform labels), for measuring speed, memory or FLOPs where the files are absent: a step
+    costs the same on it, and no accuracy on it means anything.
+
+    Args:
+      name: one of ``SHAPES`` (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``).
+      seed: numpy seed of the random values.
+
+    Example::
+
+      >>> ds = stand_in("mnist")
+      >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
+      ((60000, 28, 28, 1), (10000, 28, 28, 1), 10)
+    """
+    if name not in SHAPES:
+        raise ConfigError(f"no stand-in for dataset {name!r}; one of {sorted(SHAPES)}")
+    n_tr, n_te, shape, classes = SHAPES[name]
+    rng = np.random.default_rng(seed)
+    return Dataset(name, rng.standard_normal((n_tr, *shape), np.float32),
+                   rng.integers(0, classes, n_tr).astype(np.int32),
+                   rng.standard_normal((n_te, *shape), np.float32),
+                   rng.integers(0, classes, n_te).astype(np.int32), classes, shape, "classification")
+
+
 def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray | None:
     if limit is None or limit >= n:
         return None

@@ -402,3 +402,16 @@ def test_augment_images_flip_and_crop():
     # leading axes (workers) are kept
     xw = x.reshape(4, 16, 6, 5, 2)
     assert augment_images(jax.random.key(2), xw, "crop_flip").shape == xw.shape
+
+
+def test_stand_in_has_the_real_datasets_shapes_and_says_what_it_knows():
+    from jbyz import data
+    from jbyz.registry import ConfigError
+
+    ds = data.stand_in("cifar100", seed=3)
+    assert ds.x_train.shape == (50_000, 32, 32, 3) and ds.x_train.dtype == np.float32
+    assert ds.x_test.shape == (10_000, 32, 32, 3) and ds.num_classes == 100
+    assert ds.y_train.max() < 100 and ds.y_train.min() >= 0
+    assert np.array_equal(ds.y_test, data.stand_in("cifar100", seed=3).y_test)  # seeded
+    with pytest.raises(ConfigError, match=r"no stand-in for dataset 'digits'; one of \['cifar10'"):
+        data.stand_in("digits")

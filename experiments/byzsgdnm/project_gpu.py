@@ -31,20 +31,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jbyz import data, simulate
+from jbyz.cli import select
 from jbyz.config import load_experiment
 
 HERE = Path(__file__).resolve().parent
-
-
-def _synthetic_cifar() -> data.Dataset:
-    rng = np.random.default_rng(0)
-    return data.Dataset("cifar10", rng.normal(size=(50_000, 32, 32, 3)).astype(np.float32),
-                        rng.integers(0, 10, 50_000).astype(np.int32),
-                        rng.normal(size=(10_000, 32, 32, 3)).astype(np.float32),
-                        rng.integers(0, 10, 10_000).astype(np.int32), 10, (32, 32, 3), "classification")
 
 
 def _time_steps(prog, cfg, steps: int) -> float:
@@ -66,12 +58,8 @@ def main(argv=None) -> int:
                     help="project only these grid points, as `jbyz run --only`")
     a = ap.parse_args(argv)
     exp = load_experiment(HERE / "paper.toml")
-    runs = list(exp.runs())
-    for o in a.only:
-        k, v = o.split("=", 1)
-        vals = set(v.split(","))
-        runs = [c for c in runs if str(getattr(c, k)) in vals]
-    ds = _synthetic_cifar()
+    runs = select(exp.runs(), a.only)  # the same filter as `jbyz run --only`
+    ds = data.stand_in("cifar10")
     alie = next(c for c in runs if c.attack == "alie" and c.f_real == 3 and c.batch_size == 32
                 and c.aggregator == "median") if any(c.attack == "alie" for c in runs) else None
     base = (alie or runs[0]).replace(compute_budget=None, steps=a.steps, eval_every=a.steps)
