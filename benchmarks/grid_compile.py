@@ -104,7 +104,7 @@ def main(argv=None):
     if args.child:
         return child(args)
 
-    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    base = list(argv if argv is not None else sys.argv[1:])
     runs, cut = configs(args)
     res = {}
     with tempfile.TemporaryDirectory() as cache:

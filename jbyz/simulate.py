@@ -191,6 +191,14 @@ def computes_byzantine_gradients(cfg: RunConfig) -> bool:
     return atk.flips_labels or atk.needs_own_vector
 
 
+def gradient_rows(cfg: RunConfig, n: int | None = None) -> int:
+    """Worker slots of ``n`` (default ``cfg.n_workers``) that compute a gradient each step in a
+    run of ``cfg`` alone: all of them without attack or when the attack needs the Byzantine
+    workers' own gradients, else the ``n - f_real`` honest ones."""
+    n = int(n or cfg.n_workers)
+    return n if cfg.attack == "none" or computes_byzantine_gradients(cfg) else n - cfg.f_real
+
+
 class Program:
     """The compiled pieces shared by every run with the same :func:`static_key`.
 
@@ -209,10 +217,7 @@ class Program:
         self.n = n = int(n_max or cfg.n_workers)
         self.components = comp = chain.components(cfg)
         self.attack, self.aggregator, self.pre, self.latency = comp
-        own = self.attack.flips_labels or self.attack.needs_own_vector
-        if grad_rows is None:
-            grad_rows = n if own or cfg.attack == "none" else n - cfg.f_real
-        self.grad_rows = int(grad_rows)
+        self.grad_rows = int(gradient_rows(cfg, n) if grad_rows is None else grad_rows)
         if cfg.augment != "none" and len(ds.input_shape) != 3:
             raise ConfigError(
                 f"augment={cfg.augment!r} needs image inputs [H, W, C]; dataset {cfg.dataset!r} has "

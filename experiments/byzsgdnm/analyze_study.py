@@ -145,6 +145,16 @@ def _paper_bstar(f, method):
     return {r: PAPER_B[int(np.argmax(v))] for r, v in PAPER.get((f, method), {}).items()}
 
 
+def _paper_gaps(f, i):
+    """The paper's ByzSGDnm - ByzSGDm per rule at delta = f/8 and its i-th batch size."""
+    return {r: PAPER[(f, "ByzSGDnm")][r][i] - PAPER[(f, "ByzSGDm")][r][i] for r in RULE_ORDER}
+
+
+def _rises(seq) -> bool:
+    """A B* sequence over delta that never falls and ends above its start."""
+    return all(a <= b for a, b in zip(seq, seq[1:])) and seq[0] < seq[-1]
+
+
 def _ours_bstar(cells, f, method):
     """B* from the mean over seeds (each B at its chosen lr0)."""
     c = cells[(cells["f_real"] == f) & (cells["method"] == method)]
@@ -220,28 +230,28 @@ def claims(cells: pd.DataFrame, bs: pd.DataFrame) -> pd.DataFrame:
             if all(r in b[f] for f in (0, 1, 3)):
                 n += 1
                 seq = [b[f][r] for f in (0, 1, 3)]
-                mono += seq[0] <= seq[1] <= seq[2] and seq[0] < seq[2]
+                mono += _rises(seq)
                 text.append(f"{m}+{r} {'/'.join(map(str, seq))}")
+    pb = {f: _paper_bstar(f, "ByzSGDm") for f in (0, 1, 3)}
+    pseq = {r: [pb[f][r] for f in (0, 1, 3)] for r in RULE_ORDER}
     rows.append(dict(claim="C4. B* grows with delta (0 -> 1/8 -> 3/8)",
-                     paper="Tables 7, 1-2, 9, ByzSGDm: KR 32/512/1024, GM 32/128/256, CM 32/128/512, "
-                           "CC 32/128/512 (4/4 rows)",
+                     paper="Tables 7, 1-2, 9, ByzSGDm: "
+                           + ", ".join(f"{r} {'/'.join(map(str, v))}" for r, v in pseq.items())
+                           + f" ({sum(map(_rises, pseq.values()))}/{len(pseq)} rows)",
                      ours="; ".join(text) if text else "(not run yet)",
                      reproduced=f"{mono}/{n} rows" if n else "not run yet"))
-    for f, claim, ref in [(3, f"C5. ByzSGDnm beats ByzSGDm at the smallest batch under ALIE, delta = 3/8",
-                           "Table 9, B = 32, nm - m: KR +4.92, GM +6.34, CM +28.17, CC +5.67")]:
-        t, w, n = _gaps_text(cells, f, small)
-        rows.append(dict(claim=claim, paper=ref, ours=f"B = {small}: {t}" if n else "(not run yet)",
+
+    def gap_row(claim, f, b, table):
+        i = 0 if b == small else -1  # the paper's smallest / largest batch
+        t, w, n = _gaps_text(cells, f, b)
+        paper = ", ".join(f"{r} {v:+.2f}" for r, v in _paper_gaps(f, i).items())
+        rows.append(dict(claim=claim, paper=f"{table}, B = {PAPER_B[i]}, nm - m: {paper}",
+                         ours=f"B = {b}: {t}" if n else "(not run yet)",
                          reproduced=f"{w}/{n} rows" if n else "not run yet"))
-    t, w, n = _gaps_text(cells, 3, large)
-    rows.append(dict(claim="C6. ByzSGDnm beats ByzSGDm at the largest batch under ALIE, delta = 3/8",
-                     paper="Table 9, B = 1024, nm - m: KR +2.48, GM +3.41, CM +4.80, CC +4.19",
-                     ours=f"B = {large}: {t}" if n else "(not run yet)",
-                     reproduced=f"{w}/{n} rows" if n else "not run yet"))
-    t, w, n = _gaps_text(cells, 0, large)
-    rows.append(dict(claim="C7. ... and without attack (the normalised step's own gain)",
-                     paper="Table 7, B = 1024, nm - m: KR -0.26, GM +1.56, CM +4.05, CC +2.97",
-                     ours=f"B = {large}: {t}" if n else "(not run yet)",
-                     reproduced=f"{w}/{n} rows" if n else "not run yet"))
+
+    gap_row("C5. ByzSGDnm beats ByzSGDm at the smallest batch under ALIE, delta = 3/8", 3, small, "Table 9")
+    gap_row("C6. ByzSGDnm beats ByzSGDm at the largest batch under ALIE, delta = 3/8", 3, large, "Table 9")
+    gap_row("C7. ... and without attack (the normalised step's own gain)", 0, large, "Table 7")
     # C8: the attack's cost is largest at the smallest batch
     cost, n, ok = [], 0, 0
     for m in ["ByzSGDm", "ByzSGDnm"]:
@@ -252,10 +262,13 @@ def claims(cells: pd.DataFrame, bs: pd.DataFrame) -> pd.DataFrame:
                 n += 1
                 ok += lo > hi
                 cost.append(f"{m}+{r} {lo:.1f}/{hi:.1f}")
+    lost = {m: {r: [c - a for c, a in zip(PAPER[(0, m)][r], PAPER[(3, m)][r])] for r in RULE_ORDER}
+            for m in ["ByzSGDm", "ByzSGDnm"]}  # Table 7 minus Table 9, per batch
+    paper_cost = "; ".join(f"{m} " + ", ".join(f"{r} {v[0]:.1f}/{v[-1]:.1f}" for r, v in d.items())
+                           for m, d in lost.items())
     rows.append(dict(claim="C8. ALIE at delta = 3/8 costs most at the smallest batch "
                            "(points lost against no attack, smallest / largest B)",
-                     paper="Tables 7 and 9, B = 32 / 1024: ByzSGDm KR 52.5/1.5, GM 28.9/1.8, CM 59.2/3.1, "
-                           "CC 19.7/1.8; ByzSGDnm KR 47.5/-1.2, GM 22.7/-0.1, CM 31.0/2.4, CC 14.0/0.6",
+                     paper=f"Tables 7 and 9, B = {PAPER_B[0]} / {PAPER_B[-1]}: {paper_cost}",
                      ours="; ".join(cost) if cost else "(not run yet)",
                      reproduced=f"{ok}/{n} rows" if n else "not run yet"))
     return pd.DataFrame(rows)

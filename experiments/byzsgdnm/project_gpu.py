@@ -72,17 +72,11 @@ def main(argv=None) -> int:
     s32 = _time_steps(prog32, base.replace(batch_size=32), a.steps)
     per_sample = (f64 - f32) / (32 * prog32.grad_rows)  # the batch-dependent part
     fixed = f32 - 32 * prog32.grad_rows * per_sample     # rule, attack, momentum, update
-    rows_of = {}
-    total = train = 0.0
+    train = evals = 0.0
     for c in runs:
-        key = (c.attack, c.f_real, c.n_workers)
-        if key not in rows_of:
-            rows_of[key] = simulate.Program(c.replace(batch_size=8, steps=1, eval_every=1, compute_budget=None),
-                                            dataset=ds).grad_rows
-        t = c.steps
-        evals = -(-t // c.eval_every) + 1
-        train += t * (c.batch_size * rows_of[key] * per_sample + fixed)
-        total += t * (c.batch_size * rows_of[key] * per_sample + fixed) + evals * eval_flop
+        train += c.steps * (c.batch_size * simulate.gradient_rows(c) * per_sample + fixed)
+        evals += -(-c.steps // c.eval_every) + 1
+    total = train + evals * eval_flop
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     dev = jax.devices()[0]
     print(f"machine: {jax.default_backend()} {dev.device_kind}, {os.cpu_count()} cores, load {load:.2f}")
