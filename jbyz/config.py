@@ -29,6 +29,20 @@ the block's fields overriding the sweep's), an optional ``[execution]`` table (h
     attack = "none"
     aggregator = "mean"
 
+A file may start with ``extends = "other.toml"`` (a path relative to the file's folder): it is then
+``other.toml`` with this file's tables on top: ``[run]``, ``[sweep]``, ``[execution]`` and
+``[output]`` keys replace the other file's (a component named anew drops the other file's
+``<component>_kwargs`` unless it gives its own); ``plugins`` are both files'; this file's
+``[[grid]]`` blocks come after the other file's. A variant of a study (another model, another
+dataset) then stays in step with the study as blocks are added to it::
+
+    extends = "study.toml"
+    [run]
+    model = "lenet"
+    model_kwargs = {channels = [8, 16]}
+    [output]
+    dir = "experiments/byzsgdnm/results/study_cnn"
+
 A component field (``dataset``, ``model``, ``aggregator``, ``attack``) takes a name, or a table
 ``{name = ..., <hyper-parameters>}``. ``preaggregators`` is a list of names or such tables.
 Every problem found is reported at once, with what would be valid.
@@ -429,6 +443,69 @@ class Experiment:
         return out
 
 
+_TABLES = ("run", "sweep", "grid", "execution", "output")
+
+
+def _merge_extended(parent: dict, child: dict) -> dict:
+    """``child`` on top of ``parent`` (see ``extends`` in the module docstring)."""
+    out = {}
+    run = dict(parent.get("run", {}))
+    for k, v in child.get("run", {}).items():
+        if (k in _COMPONENTS and f"{k}_kwargs" not in child.get("run", {})
+                and (isinstance(v, Mapping) or v != run.get(k))):
+            run.pop(f"{k}_kwargs", None)  # a new component does not inherit the old one's kwargs
+        run[k] = v
+    if "plugins" in parent.get("run", {}) or "plugins" in child.get("run", {}):
+        as_list = lambda p: [p] if isinstance(p, str) else list(p)  # noqa: E731
+        plugins = as_list(parent.get("run", {}).get("plugins", []))
+        run["plugins"] = plugins + [p for p in as_list(child.get("run", {}).get("plugins", []))
+                                    if p not in plugins]
+    out["run"] = run
+    for table in ("sweep", "execution", "output"):
+        out[table] = {**parent.get(table, {}), **child.get(table, {})}
+
+    def blocks(raw):
+        b = raw.get("grid", [])
+        return [b] if isinstance(b, Mapping) else list(b)
+
+    out["grid"] = blocks(parent) + blocks(child)
+    return out
+
+
+def _read_raw(path: Path | None, text: str, chain: tuple = ()) -> dict:
+    """The TOML tables of a configuration, with ``extends`` resolved (recursively)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    extends = raw.pop("extends", None)
+    extra = set(raw) - set(_TABLES)
+    if extra:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(extra)}; valid: extends = \"file.toml\", "
+                          "[run], [sweep], [[grid]], [execution], [output]")
+    if extends is None:
+        return raw
+    if not isinstance(extends, str):
+        raise ConfigError(f"{path}: extends must be the path of one configuration file, got {extends!r}")
+    parent = Path(extends)
+    if not parent.is_absolute() and path is not None:
+        parent = path.parent / parent
+    if not parent.exists():
+        raise ConfigError(f"{path}: extends {extends!r}, but {str(parent)!r} does not exist "
+                          "(a relative path is taken from the extending file's folder)")
+    key = parent.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(c) for c in chain + (key,))
+        raise ConfigError(f"{path}: extends forms a cycle: {cycle}")
+    base = _read_raw(parent, parent.read_text(), chain + (key,))
+    plugins = base.get("run", {}).get("plugins")
+    if plugins:  # the other file's .py plugin paths stay relative to its own folder
+        plugins = [plugins] if isinstance(plugins, str) else plugins
+        base["run"]["plugins"] = [str(parent.parent / p) if p.endswith(".py") and not Path(p).is_absolute()
+                                  else p for p in plugins]
+    return _merge_extended(base, raw)
+
+
 def load_experiment(path: str | Path | None = None, *, text: str | None = None) -> Experiment:
     """Reads a TOML configuration file (or ``text``) into an :class:`Experiment`."""
     if text is None:
@@ -436,14 +513,9 @@ def load_experiment(path: str | Path | None = None, *, text: str | None = None) 
         if not path.exists():
             raise ConfigError(f"configuration file {str(path)!r} does not exist")
         text = path.read_text()
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    extra = set(raw) - {"run", "sweep", "grid", "execution", "output"}
-    if extra:
-        raise ConfigError(f"{path}: unknown table(s) {sorted(extra)}; valid tables: [run], [sweep], "
-                          "[[grid]], [execution], [output]")
+    elif path is not None:
+        path = Path(path)
+    raw = _read_raw(path, text, (path.resolve(),) if path is not None else ())
     run = dict(raw.get("run", {}))
     plugins = run.pop("plugins", [])
     if isinstance(plugins, str):

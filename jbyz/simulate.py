@@ -589,6 +589,37 @@ class Program:
             carry, (x[:chunk], y[:chunk]))
         return {"step": count(step.compile()), "eval": count(ev.compile()) * n_test / chunk}
 
+    def timings(self, cfg: RunConfig | None = None, steps: int = 10) -> dict[str, float]:
+        """Wall-clock seconds of one training step and of one evaluation of ``cfg`` here.
+
+        Compiles one chunk of ``steps`` steps and the evaluation, runs each once to warm up,
+        then times one more call of each. For projections (what a grid would cost on this
+        machine), beside :meth:`flops`; not a benchmark with repeats (see ``benchmarks/``).
+
+        Returns:
+          ``{"step": s per step, "eval": s per evaluation, "compile": s to compile the chunk}``.
+        """
+        import time
+
+        cfg = cfg or self.cfg
+        inp = jax.tree.map(jnp.asarray, self.inputs(cfg))
+        carry = jax.jit(self.init)(inp)
+        t0 = jnp.asarray(0, jnp.int32)
+        tc = time.perf_counter()
+        chunk = jax.jit(self.chunk, static_argnums=(2,)).lower(carry, t0, steps, inp, self.train).compile()
+        compile_s = time.perf_counter() - tc
+        ev = jax.jit(lambda c, t: self.evaluate(c.params, c.model_state, t, c.eval_key)).lower(
+            carry, self.test).compile()
+
+        def seconds(f, *args) -> float:
+            jax.block_until_ready(f(*args))  # warm
+            tc = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            return time.perf_counter() - tc
+
+        return {"step": seconds(chunk, carry, t0, inp, self.train) / steps,
+                "eval": seconds(ev, carry, self.test), "compile": compile_s}
+
     # ------------------------------------------------------------------ compiled entry points
     def compiled_single(self):
         """``(init, chunk, eval)`` jitted for one run (no runs axis)."""

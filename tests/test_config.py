@@ -1,5 +1,7 @@
 """Configurations: invalid ones fail before compute, naming the problem and what is valid."""
 
+from pathlib import Path
+
 import pytest
 
 from jbyz.config import RunConfig, from_dict, load_experiment
@@ -75,6 +77,77 @@ def test_experiment_file_errors(tmp_path):
     bad.write_text("[sweep]\nstepz=[1]\n")
     with pytest.raises(ConfigError, match="unknown field"):
         load_experiment(bad)
+
+
+def test_extends_layers_a_file_on_another(tmp_path):
+    (tmp_path / "base.toml").write_text(
+        """
+[run]
+steps = 10
+model = "mlp"
+model_kwargs = {hidden = [32]}
+aggregator = {name = "centered_clip", tau = 2.0}
+[sweep]
+seed = [0, 1]
+[[grid]]
+attack = "none"
+[execution]
+invalid = "skip"
+[output]
+dir = "out/base"
+"""
+    )
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "cnn.toml").write_text(
+        """
+extends = "../base.toml"
+[run]
+model = "lenet"
+steps = 20
+[sweep]
+seed = [5]
+[[grid]]
+attack = "alie"
+[output]
+dir = "out/cnn"
+"""
+    )
+    exp = load_experiment(sub / "cnn.toml")
+    runs = exp.runs()
+    # The other file's block first, then this file's; the sweep's seed replaced, not extended.
+    assert [(r.attack, r.seed) for r in runs] == [("none", 5), ("alie", 5)]
+    # A model named anew does not inherit the mlp's hidden sizes; the aggregator keeps its tau.
+    assert all(r.model == "lenet" and r.model_kwargs == {} and r.steps == 20 for r in runs)
+    assert all(r.aggregator_kwargs == {"tau": 2.0} for r in runs)
+    assert exp.execution == {"invalid": "skip"} and str(exp.output_dir) == "out/cnn"
+    # The same file without extends' additions: the base alone.
+    base = load_experiment(tmp_path / "base.toml")
+    assert [(r.model, r.seed) for r in base.runs()] == [("mlp", 0), ("mlp", 1)]
+
+
+def test_extends_errors(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('extends = "b.toml"\n[run]\nsteps = 1\n')
+    b.write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"extends forms a cycle: .*a\.toml -> .*b\.toml -> .*a\.toml"):
+        load_experiment(a)
+    a.write_text('extends = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match=r"extends 'nowhere.toml', but .* does not exist \(a relative path"):
+        load_experiment(a)
+    a.write_text('extends = ["b.toml"]\n')
+    with pytest.raises(ConfigError, match="extends must be the path of one configuration file"):
+        load_experiment(a)
+
+
+def test_study_cnn_is_the_study_with_a_cnn():
+    """The CNN leg of the ByzSGDnm study runs every grid point of the MLP study, nothing else."""
+    root = Path(__file__).resolve().parents[1] / "experiments" / "byzsgdnm"
+    mlp, cnn = load_experiment(root / "study.toml"), load_experiment(root / "study_cnn.toml")
+    strip = lambda r: r.replace(model="mlp", model_kwargs={}).config_hash()  # noqa: E731
+    assert [strip(r) for r in cnn.runs()] == [strip(r) for r in mlp.runs()]
+    assert {(r.model, tuple(r.model_kwargs["channels"])) for r in cnn.runs()} == {("lenet", (8, 16))}
+    assert cnn.output_dir != mlp.output_dir
 
 
 def test_config_hash_stable_and_sensitive():

@@ -247,3 +247,18 @@ def test_program_flops_count_one_step_not_one_loop_body():
     assert small["step"] > 32 * prog.grad_rows * per_sample  # plus the rest of the step
     n_test = prog.test[0].shape[0]
     assert 1.8 * p * n_test < small["eval"] < 2.6 * p * n_test, small["eval"] / (p * n_test)
+
+
+def test_program_timings_are_per_step_and_per_evaluation():
+    """Program.timings (used by the GPU projections) returns positive, finite seconds for a
+    step, an evaluation and the chunk's compilation (no comparison of times: they depend on the
+    machine's load)."""
+    import math
+
+    from jbyz.simulate import Program
+
+    cfg = BASE.replace(steps=8, eval_every=8)
+    prog = Program(cfg)
+    t = prog.timings(cfg, steps=2)
+    assert set(t) == {"step", "eval", "compile"}
+    assert all(math.isfinite(v) and v > 0 for v in t.values()), t

@@ -30,25 +30,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from jbyz import data, simulate
 from jbyz.cli import select
 from jbyz.config import load_experiment
 
 HERE = Path(__file__).resolve().parent
-
-
-def _time_steps(prog, cfg, steps: int) -> float:
-    """Seconds per training step of ``prog`` here: one chunk of ``steps`` steps after a warm-up."""
-    inp = jax.tree.map(jnp.asarray, prog.inputs(cfg))
-    carry = jax.jit(prog.init)(inp)
-    t0 = jnp.asarray(0, jnp.int32)
-    comp = jax.jit(prog.chunk, static_argnums=(2,)).lower(carry, t0, steps, inp, prog.train).compile()
-    jax.block_until_ready(comp(carry, t0, inp, prog.train))  # warm
-    tc = time.perf_counter()
-    jax.block_until_ready(comp(carry, t0, inp, prog.train))
-    return (time.perf_counter() - tc) / steps
 
 
 def main(argv=None) -> int:
@@ -69,7 +56,7 @@ def main(argv=None) -> int:
     cost32, cost64 = prog32.flops(), prog64.flops()  # one step each, compiled outside the scan
     compile_s = time.perf_counter() - tc
     f32, f64, eval_flop = cost32["step"], cost64["step"], cost32["eval"]
-    s32 = _time_steps(prog32, base.replace(batch_size=32), a.steps)
+    s32 = prog32.timings(base.replace(batch_size=32), a.steps)["step"]
     per_sample = (f64 - f32) / (32 * prog32.grad_rows)  # the batch-dependent part
     fixed = f32 - 32 * prog32.grad_rows * per_sample     # rule, attack, momentum, update
     train = evals = 0.0

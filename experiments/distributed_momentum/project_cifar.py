@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from jbyz import data, simulate
 from jbyz.config import load_experiment
@@ -43,24 +41,8 @@ def main(steps: int = 10) -> None:
     ds = data.stand_in("cifar10")  # random values of CIFAR-10's shapes: the same cost
     cfg = cfg.replace(steps=steps, eval_every=steps)
     prog = simulate.Simulation(cfg, dataset=ds).program
-    inp = jax.tree.map(jnp.asarray, prog.inputs(cfg))
-    carry = jax.jit(prog.init)(inp)
-    t0 = jnp.asarray(0, jnp.int32)
-    chunk = jax.jit(prog.chunk, static_argnums=(2,))
-    tc = time.perf_counter()
-    lowered = chunk.lower(carry, t0, steps, inp, prog.train).compile()
-    compile_s = time.perf_counter() - tc
-    ev = jax.jit(lambda c, test: prog.evaluate(c.params, c.model_state, test, c.eval_key))
-    ev_c = ev.lower(carry, prog.test).compile()
-    jax.block_until_ready(lowered(carry, t0, inp, prog.train))  # warm
-    tc = time.perf_counter()
-    out = lowered(carry, t0, inp, prog.train)
-    jax.block_until_ready(out)
-    step_s = (time.perf_counter() - tc) / steps
-    jax.block_until_ready(ev_c(carry, prog.test))
-    tc = time.perf_counter()
-    jax.block_until_ready(ev_c(carry, prog.test))
-    eval_s = time.perf_counter() - tc
+    t = prog.timings(cfg, steps)  # one chunk of `steps` steps and one evaluation, after warming up
+    step_s, eval_s, compile_s = t["step"], t["eval"], t["compile"]
     # XLA's cost analysis counts a loop body once (a chunk of `steps` steps reports about one
     # step), so the FLOPs come from the step compiled alone and one 1,000-image evaluation chunk
     cost = prog.flops(cfg)
