@@ -69,7 +69,12 @@ import numpy as np
 from jax import lax
 
 from jbyz import _sorting as S
-from jbyz.registry import ConfigError, Registry
+from jbyz._rule_checks import SubsetEnumeration
+from jbyz._rule_checks import check_number as _check_number
+from jbyz._rule_checks import choice as _choice
+from jbyz._rule_checks import inputs as _inputs
+from jbyz._rule_checks import requirement as _requirement
+from jbyz.registry import Registry
 from jbyz.registry import concrete_number as _concrete
 from jbyz.types import AggregationRule
 
@@ -104,53 +109,6 @@ def memoize(factory):
         return cache[key]
 
     return wrapper
-
-
-def _inputs(x, valid, f):
-    x = jnp.asarray(x).astype(jnp.float32)
-    valid = jnp.asarray(valid, bool)
-    f = jnp.asarray(f, jnp.int32)
-    m = jnp.sum(valid.astype(jnp.int32))
-    return x, valid, f, m
-
-
-def _choice(rule: str, name: str, value, options) -> None:
-    if value not in options:
-        raise ConfigError(
-            f"{rule}: {name}={value!r} is not valid; valid: {', '.join(repr(o) for o in options)}."
-        )
-
-
-
-
-def _check_number(rule: str, name: str, value, *, low=None, low_open=False, integer=False):
-    v = _concrete(value)
-    if v is None:
-        return
-    if integer and int(v) != v:
-        raise ConfigError(f"{rule}: {name} must be an integer; got {name}={value!r}.")
-    if low is not None and (v <= low if low_open else v < low):
-        op = ">" if low_open else ">="
-        raise ConfigError(f"{rule}: {name} must be {op} {low}; got {name}={value!r}.")
-
-
-def _requirement(rule: str, text: str, ok):
-    """``requirement(n, f)`` from a predicate ``ok(n, f)`` and its text (e.g. ``"n >= 2f + 3"``)."""
-
-    def requirement(n: int, f: int) -> str | None:
-        if f < 0:
-            return f"{rule} needs f >= 0; got n={n}, f={f}."
-        if n < 1:
-            return f"{rule} needs at least one valid input; got n={n}, f={f}."
-        if ok(n, f):
-            return None
-        valid_f = [g for g in range(n + 1) if ok(n, g)]
-        hint = (
-            f"largest valid f is {max(valid_f)}" if valid_f else f"no f is valid with n={n}"
-        )
-        return f"{rule} needs {text} valid inputs; got n={n}, f={f} ({hint})"
-
-    return requirement
 
 
 def _check_sort(rule: str, sort) -> None:
@@ -885,31 +843,13 @@ def mda(max_subsets: int = 2**16) -> AggregationRule:
       gradient descent. ICLR 2021; Rousseeuw. Multivariate estimation with high breakdown point.
       1985.
     """
-    _check_number("mda", "max_subsets", max_subsets, low=1, integer=True)
-    max_subsets = int(max_subsets)
-    largest_n = max_subsets.bit_length() - 1
     base = _requirement("mda", "n >= 2f + 1", lambda n, f: n >= 2 * f + 1)
-
-    def too_many(n):
-        return (
-            f"mda enumerates all 2**n subsets of the n worker slots; n={n} gives 2**{n} > "
-            f"max_subsets={max_subsets}. Valid: n <= {largest_n} slots, or raise max_subsets "
-            f"(memory and time grow as 2**n * n**2)."
-        )
-
-    def req(n, f):
-        if n >= 1 and 2**n > max_subsets:
-            return too_many(n)
-        return base(n, f)
+    subsets = SubsetEnumeration("mda", max_subsets, base, "memory and time grow as 2**n * n**2")
 
     def apply(x, valid, f, key, state):
         x, valid, f, m = _inputs(x, valid, f)
-        n = x.shape[0]
-        if 2**n > max_subsets:
-            raise ConfigError(too_many(n))
+        bits_np = subsets.bits(x.shape[0])
         d2, usable = S.pairwise_sq_distances(x, valid)
-        # Host constants (XLA would otherwise constant-fold the enumeration slowly at compile time).
-        bits_np = ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1).astype(bool)
         bits = jnp.asarray(bits_np)
         size = jnp.asarray(bits_np.sum(axis=1).astype(np.int32))
         eligible = (size == m - f) & ~jnp.any(bits & ~valid[None, :], axis=1)
@@ -920,7 +860,7 @@ def mda(max_subsets: int = 2**16) -> AggregationRule:
         w = sel.astype(jnp.float32) / jnp.maximum(jnp.sum(sel), 1).astype(jnp.float32)
         return S.weighted_row_sum(w, x), state
 
-    return _make("mda", apply, req)
+    return _make("mda", apply, subsets.requirement)
 
 
 __all__ = [

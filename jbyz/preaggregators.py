@@ -24,7 +24,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbyz import _sorting as S
-from jbyz.aggregators import _check_number, _inputs, _requirement, memoize
+from jbyz._rule_checks import check_number as _check_number
+from jbyz._rule_checks import inputs as _inputs
+from jbyz._rule_checks import requirement as _requirement
+from jbyz.aggregators import memoize
 from jbyz.registry import Registry
 from jbyz.types import PreAggregator
 

@@ -145,6 +145,26 @@ def test_smea_equals_exact_numpy(seed, n, f, b):
         np.testing.assert_allclose(call("smea", x, f), want, rtol=1e-5, atol=1e-5)
 
 
+def test_smea_exact_ties_go_to_the_smallest_bitmask():
+    """Integer rows make exact ties common; the float32 eigen-solves of tied subsets differ by
+    rounding, which must not pick the subset. The winner is checked against exact rational
+    arithmetic (the variance of each 5-subset of 1-D values) and its tie rule."""
+    from fractions import Fraction
+
+    x = np.array([[1.0], [2.0], [-1.0], [0.0], [0.0], [1.0]], np.float32)
+    f, k = 1, 5
+    exact = {s: sum((Fraction(float(x[i, 0])) - sum(Fraction(float(x[j, 0])) for j in s) / k) ** 2
+                    for i in s) for s in itertools.combinations(range(6), k)}
+    low = min(exact.values())
+    tied = sorted((s for s, v in exact.items() if v == low), key=lambda s: sum(1 << i for i in s))
+    assert len(tied) == 2  # (0, 1, 3, 4, 5) and (0, 2, 3, 4, 5) (means 0.8 and 0.2)
+    want = x[list(tied[0])].mean(0)
+    np.testing.assert_allclose(call("smea", x, f), want, rtol=1e-6)
+    # padded with invalid slots between the rows: the same choice (valid rows keep their order)
+    xp, valid = pad(x.astype(np.float64), np.array([0, 2, 3, 5, 6, 8]), 9, np.nan)
+    np.testing.assert_allclose(call("smea", xp, f, valid), want, rtol=1e-6)
+
+
 def test_smea_limit_and_requirement():
     agg = AGGREGATORS.build("smea")
     msg = agg.requirement(13, 2)
