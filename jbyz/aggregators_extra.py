@@ -378,8 +378,8 @@ def dnc(
 ) -> AggregationRule:
     r"""Divide-and-conquer (DnC): filter by the projection on the top singular vector.
 
-    ``iters`` times: draw ``b = sub_dim`` coordinates at random (without replacement; all of them
-    when ``b >= d``), centre the sub-vectors at their mean :math:`\mu`, take the top right
+    ``iters`` times: draw ``b = sub_dim`` coordinates at random (without replacement: the ``b``
+    largest of ``d`` uniform keys; all of them when ``b >= d``), centre the sub-vectors at their mean :math:`\mu`, take the top right
     singular vector :math:`v` of the centred ``[n, b]`` matrix and the scores
     :math:`s_i = ((x_i - \mu)^T v)^2`; keep the ``n - floor(filter_frac * f)`` inputs with the
     lowest scores. Return the mean of the inputs kept in every iteration (``combine=
@@ -427,8 +427,11 @@ def dnc(
             else:
                 if key is None:
                     raise ConfigError("dnc(sub_dim < d) draws coordinates: pass a key.")
-                cols = jax.random.permutation(jax.random.fold_in(key, r), d)[:sub_dim]
-                xs = jnp.take(xu, cols, axis=1)
+                # the sub_dim coordinates with the largest uniform keys: a uniform random subset
+                # (float32 key ties, ~d^2 / 2^25 pairs, go to the lower index); lax.top_k costs
+                # ~1/4 of jax.random.permutation's sort on XLA:CPU (3 vs 14 ms at d = 25,450)
+                u = jax.random.uniform(jax.random.fold_in(key, r), (d,))
+                xs = jnp.take(xu, lax.top_k(u, sub_dim)[1], axis=1)
             mu = S.weighted_row_sum(w, xs)
             k = jnp.where(usable[:, None] & usable[None, :], S.gram(xs, mu), 0.0)
             k = lax.stop_gradient(0.5 * (k + k.T))
