@@ -6,10 +6,12 @@ other's private names."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jbyz.registry import ConfigError
 from jbyz.registry import concrete_number as _concrete
@@ -62,11 +64,14 @@ def requirement(rule: str, text: str, ok: Callable[[int, int], bool]):
 
 
 class SubsetEnumeration:
-    """The ``2**n`` subsets of ``n`` worker slots, for a rule that searches them all.
+    """The subsets of ``n`` worker slots, for a rule that searches them all (MDA, SMEA).
 
     ``requirement(n, f)`` adds to ``base`` the bound ``2**n <= max_subsets`` (checked again when
-    the rule runs, since ``n`` is the input's row count), and :meth:`bits` gives the subsets as a
-    host constant (XLA would otherwise constant-fold the enumeration slowly at compile time).
+    the rule runs, since ``n`` is the input's row count). :meth:`choose` searches the subsets of
+    one traced size ``k`` only: a ``lax.switch`` on ``k`` runs the branch that enumerates the
+    ``C(n, k)`` subsets of that size, as host constants (XLA would otherwise constant-fold the
+    enumeration slowly at compile time). Under ``vmap`` the switch becomes a select that runs
+    every branch, i.e. all ``2**n`` subsets.
     """
 
     def __init__(self, rule: str, max_subsets, base, growth: str):
@@ -85,8 +90,34 @@ class SubsetEnumeration:
             return self.too_many(n)
         return self.base(n, f)
 
-    def bits(self, n: int) -> np.ndarray:
-        """``[2**n, n]`` booleans: row ``b`` is the subset whose bitmask is ``b``."""
+    @staticmethod
+    def of_size(n: int, size: int) -> np.ndarray:
+        """``[C(n, size), size]`` slot indices: the subsets of ``size`` slots in increasing
+        bitmask order (``sum_i 2**i``: the subset whose largest slot is smallest comes first)."""
+        idx = np.array(list(itertools.combinations(range(n), size)), np.int32).reshape(-1, size)
+        return idx[np.argsort((np.int64(1) << idx.astype(np.int64)).sum(axis=1), kind="stable")]
+
+    def choose(self, n: int, k, pick, *operands):
+        """``keep [n]``: the subset of the traced size ``k`` that ``pick`` prefers.
+
+        ``pick(idx, *operands)`` gets the ``[C, size]`` subsets of one size (:meth:`of_size`,
+        ``size >= 1``) and returns ``(position, found)``: the row of ``idx`` it chooses and
+        whether any row was eligible. ``keep`` is all ``False`` when ``k`` is not in
+        ``[0, n]``, when ``k = 0``, or when nothing was eligible.
+        """
         if 2**n > self.max_subsets:
             raise ConfigError(self.too_many(n))
-        return ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1).astype(bool)
+
+        def branch(size):
+            if size == 0:
+                return lambda *ops: jnp.zeros(n, bool)
+            idx = self.of_size(n, size)
+
+            def run(*ops):
+                position, found = pick(idx, *ops)
+                return jnp.zeros(n, bool).at[jnp.asarray(idx)[position]].set(True) & found
+
+            return run
+
+        keep = lax.switch(jnp.clip(k, 0, n), [branch(s) for s in range(n + 1)], *operands)
+        return keep & (k >= 0) & (k <= n)

@@ -65,7 +65,6 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jbyz import _sorting as S
@@ -821,9 +820,10 @@ def mda(max_subsets: int = 2**16) -> AggregationRule:
     .. math:: S^\star = \operatorname{arg\,min}_{|S| = n - f}\ \max_{i, j \in S}\|x_i - x_j\|,
               \qquad \mathrm{out} = \frac{1}{n - f}\sum_{i \in S^\star} x_i
 
-    All ``2^n`` subsets of the ``n`` worker slots are enumerated as bitmasks (so ``f`` and the
-    valid mask stay traced); the subsets of size ``m - f`` made of valid rows compete. Distances
-    from one Gram matmul; subsets with an unusable (non-finite) row have infinite diameter.
+    ``f`` and the valid mask stay traced: a conditional (``lax.switch``) on ``k = m - f`` runs
+    the branch that enumerates the ``C(n, k)`` subsets of ``k`` of the ``n`` worker slots; the
+    subsets made of valid rows compete. Distances from one Gram matmul; subsets with an unusable
+    (non-finite) row have infinite diameter.
 
     Ties: among subsets of exactly equal diameter (common: subsets that share their farthest
     pair), the one with the smallest bitmask :math:`\sum_{i \in S} 2^i` wins, i.e. the subset
@@ -833,7 +833,9 @@ def mda(max_subsets: int = 2**16) -> AggregationRule:
 
     Args:
       max_subsets: the largest ``2^n`` allowed (default ``2**16``, i.e. ``n <= 16`` slots); the
-        enumeration costs ``O(2^n n^2)``.
+        enumeration costs ``O(C(n, k) k^2)`` (0.6 ms a call at ``n = 13``, ``f = 3``,
+        ``d = 25,450`` on a shared 2-core CPU; 8.8 ms when all ``2^n`` subsets were scored, as
+        until 2026-12-04; under ``vmap`` the conditional runs every branch, i.e. all ``2^n``).
 
     Returns:
       An :class:`~jbyz.types.AggregationRule`. Needs ``n >= 2f + 1`` and ``2^n <= max_subsets``.
@@ -844,19 +846,19 @@ def mda(max_subsets: int = 2**16) -> AggregationRule:
       1985.
     """
     base = _requirement("mda", "n >= 2f + 1", lambda n, f: n >= 2 * f + 1)
-    subsets = SubsetEnumeration("mda", max_subsets, base, "memory and time grow as 2**n * n**2")
+    subsets = SubsetEnumeration("mda", max_subsets, base, "time grows as C(n, n - f) (n - f)**2")
+
+    def pick(idx, d2, valid):
+        eligible = jnp.all(valid[idx], axis=1)
+        diam = jnp.max(d2[idx[:, :, None], idx[:, None, :]], axis=(1, 2))
+        # exact ties (common: subsets that share their farthest pair): the smallest bitmask
+        return S.argmin_preferring(diam, eligible), jnp.any(eligible)
 
     def apply(x, valid, f, key, state):
         x, valid, f, m = _inputs(x, valid, f)
-        bits_np = subsets.bits(x.shape[0])
         d2, usable = S.pairwise_sq_distances(x, valid)
-        bits = jnp.asarray(bits_np)
-        size = jnp.asarray(bits_np.sum(axis=1).astype(np.int32))
-        eligible = (size == m - f) & ~jnp.any(bits & ~valid[None, :], axis=1)
-        pair = bits[:, :, None] & bits[:, None, :]  # fused into the reduction, not materialised
-        diam = jnp.max(jnp.where(pair, d2[None, :, :], 0.0), axis=(1, 2))
-        best = S.argmin_preferring(diam, eligible)  # exact ties: the smallest bitmask (first index)
-        sel = bits[best]
+        # only the C(n, m - f) subsets of the size m - f compete, so only they are scored
+        sel = subsets.choose(x.shape[0], m - f, pick, d2, valid)
         w = sel.astype(jnp.float32) / jnp.maximum(jnp.sum(sel), 1).astype(jnp.float32)
         return S.weighted_row_sum(w, x), state
 

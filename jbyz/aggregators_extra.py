@@ -30,12 +30,10 @@ peers' outputs that ``tests/test_aggregators_extra.py`` compares against.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jbyz import _sorting as S
@@ -180,39 +178,28 @@ def monna(idx: int = -1) -> AggregationRule:
 _SMEA_TIE = 1e-5  # relative tolerance under which two subsets' eigenvalues count as tied
 
 
-def _smea_size(n: int, size: int):
-    """SMEA's choice among the subsets of exactly ``size`` of ``n`` slots: ``keep [n]``.
+def _smea_pick(idx, g, valid, usable):
+    """SMEA's choice among the subsets ``idx [C, k]``: ``(position, found)``.
 
-    The subsets are index tuples in increasing bitmask order (ties: the smallest bitmask); each
-    is scored by the top eigenvalue of its centred ``size x size`` Gram block over ``size``;
-    eligible: every row valid; a subset with an unusable row scores ``+inf``. ``keep`` is all
-    ``False`` when no subset is eligible.
+    Each subset is scored by the top eigenvalue of its centred ``k x k`` Gram block over ``k``;
+    eligible: every row valid; a subset with an unusable row scores ``+inf``.
     """
-    if size == 0:
-        return lambda g, valid, usable: jnp.zeros(n, bool)
-    idx = np.array(list(itertools.combinations(range(n), size)), dtype=np.int32).reshape(-1, size)
-    idx = idx[np.argsort((1 << idx.astype(np.int64)).sum(axis=1), kind="stable")]
-
-    def choose(g, valid, usable):
-        block = g[idx[:, :, None], idx[:, None, :]]  # [C, size, size]
-        # size^2 x the centred block, no division before the eigen-solve (exact for integer Gram
-        # entries, so exact ties stay ties): K = B - rows/k - cols/k + total/k^2
-        rows, cols = jnp.sum(block, axis=2, keepdims=True), jnp.sum(block, axis=1, keepdims=True)
-        scaled = size * size * block - size * (rows + cols) + jnp.sum(block, axis=(1, 2), keepdims=True)
-        lam = jnp.linalg.eigvalsh(0.5 * (scaled + jnp.swapaxes(scaled, 1, 2)))[:, -1] / size**3
-        eligible = jnp.all(valid[idx], axis=1)
-        score = jnp.where(jnp.all(usable[idx], axis=1), lam, jnp.inf)
-        # Ties: the eigen-solves of exactly tied subsets differ by float32 rounding (relative
-        # ~1e-7 of the block's trace), so scores within 1e-5 of the best subset's trace over
-        # size count as tied and the smallest bitmask among them wins.
-        first = S.argmin_preferring(score, eligible)
-        trace = jnp.trace(scaled[first]) / size**3
-        tied = eligible & (score <= score[first] + _SMEA_TIE * jnp.abs(trace))
-        best = jnp.argmax(tied)  # the first tied subset in bitmask order
-        keep = jnp.zeros(n, bool).at[jnp.asarray(idx)[best]].set(True)
-        return keep & jnp.any(eligible)
-
-    return choose
+    size = idx.shape[1]
+    block = g[idx[:, :, None], idx[:, None, :]]  # [C, k, k]
+    # k^2 x the centred block, no division before the eigen-solve (exact for integer Gram
+    # entries, so exact ties stay ties): K = B - rows/k - cols/k + total/k^2
+    rows, cols = jnp.sum(block, axis=2, keepdims=True), jnp.sum(block, axis=1, keepdims=True)
+    scaled = size * size * block - size * (rows + cols) + jnp.sum(block, axis=(1, 2), keepdims=True)
+    lam = jnp.linalg.eigvalsh(0.5 * (scaled + jnp.swapaxes(scaled, 1, 2)))[:, -1] / size**3
+    eligible = jnp.all(valid[idx], axis=1)
+    score = jnp.where(jnp.all(usable[idx], axis=1), lam, jnp.inf)
+    # Ties: the eigen-solves of exactly tied subsets differ by float32 rounding (relative ~1e-7
+    # of the block's trace), so scores within 1e-5 of the best subset's trace over k count as
+    # tied and the smallest bitmask among them wins.
+    first = S.argmin_preferring(score, eligible)
+    trace = jnp.trace(scaled[first]) / size**3
+    tied = eligible & (score <= score[first] + _SMEA_TIE * jnp.abs(trace))
+    return jnp.argmax(tied), jnp.any(eligible)  # the first tied subset in bitmask order
 
 
 def smea(max_subsets: int = 2**12) -> AggregationRule:
@@ -261,15 +248,9 @@ def smea(max_subsets: int = 2**12) -> AggregationRule:
     def apply(x, valid, f, key, state):
         x, valid, f, m = _inputs(x, valid, f)
         n = x.shape[0]
-        subsets.bits(n)  # refuses 2**n > max_subsets, as the requirement says
         g, usable = _masked_gram(x, valid, _median_centre(x, valid, m))
-        g = lax.stop_gradient(g)
-        k = m - f
-        # One branch per subset size: only the C(n, k) subsets of the size m - f compete, so
-        # only they are scored (a conditional, not all 2**n subsets).
-        branches = [_smea_size(n, size) for size in range(n + 1)]
-        keep = lax.switch(jnp.clip(k, 0, n), branches, g, valid, usable)
-        keep = keep & (k >= 0) & (k <= n)  # f > m or f < 0 beyond n: no subset of that size (output 0)
+        # only the C(n, m - f) subsets of the size m - f compete, so only they are scored
+        keep = subsets.choose(n, m - f, _smea_pick, lax.stop_gradient(g), valid, usable)
         return _weighted_mean(keep, x), state
 
     return _make("smea", apply, subsets.requirement)
