@@ -226,6 +226,11 @@ class BatchRunner:
         """``fn`` over the leading runs axis: vmap in slices of ``width`` (``lax.map``)."""
         def over(xs):
             n = jax.tree.leaves(xs)[0].shape[0]
+            if width == 1 or n == 1:
+                # A plain scan, not a vmap of size 1: under vmap a data-dependent lax.switch or
+                # lax.cond (SMEA's and MDA's subset size, ...) becomes a select that runs every
+                # branch; lax.map(batch_size=1) would vmap each run.
+                return jax.lax.map(fn, xs)
             if width >= n:
                 return jax.vmap(fn)(xs)
             return jax.lax.map(fn, xs, batch_size=width)

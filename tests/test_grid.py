@@ -302,3 +302,27 @@ def test_component_name_reads_plain_names_and_json_specs():
     spec = results.tidy(pd.DataFrame({"attack": [{"name": "alie", "z": 1.5}]}))["attack"][0]
     col = pd.Series(["mean", spec, '{"name": "foe", "eps": 0.1}', "{not json", {"name": "krum"}])
     assert results.component_name(col).tolist() == ["mean", "alie", "foe", "{not json", "krum"]
+
+
+def test_one_run_at_a_time_keeps_data_dependent_branches():
+    """vmap_width = 1 (the CPU default) runs each run unbatched: a lax.switch on the run's data
+    (SMEA's and MDA's subset size) stays a conditional that runs one branch. A vmap, even of
+    size 1 (what lax.map(batch_size=1) does), turns it into a select that runs every branch;
+    wider slices still vmap."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jbyz.config import GridOptions
+
+    runner = grid.BatchRunner(None, 4, GridOptions(vmap_width=1), 1)
+    fn = lambda k: lax.switch(k, [lambda: 0.0, lambda: 1.0, lambda: 2.0])  # noqa: E731
+    ks = jnp.array([0, 2, 1, 2])
+
+    text1 = str(jax.make_jaxpr(runner._mapped(fn, 1))(ks))
+    assert "cond[" in text1 and "select_n" not in text1
+    assert "cond[" in str(jax.make_jaxpr(runner._mapped(fn, 4))(ks[:1]))  # one run: no vmap either
+    text4 = str(jax.make_jaxpr(runner._mapped(fn, 4))(ks))
+    assert "select_n" in text4 and "cond[" not in text4
+    np.testing.assert_array_equal(runner._mapped(fn, 1)(ks), [0.0, 2.0, 1.0, 2.0])
+    np.testing.assert_array_equal(runner._mapped(fn, 4)(ks), [0.0, 2.0, 1.0, 2.0])
